@@ -1,0 +1,571 @@
+"""BinaryNet: training deep networks with weights and activations constrained to +1 or -1.
+
+The machinery of Courbariaux, Hubara, Soudry, El-Yaniv and Bengio (2016,
+arXiv 1602.02830), named as the authors' reference code (binary_net.py) names it:
+
+  hard_sigmoid, binarization, binary_tanh_unit    Section 1.1-1.3 of the paper
+  DenseLayer, Conv2DLayer                         binarized weights, real biases
+  clipping_scaling                                Algorithm 1: Adam, Glorot scale, clip
+  squared_hinge_loss                              the loss of the reference scripts
+  train                                           the reference training loop
+
+plus the paper's hardware-friendly variants (Section 1.4-1.5: shift-based batch
+normalization and shift-based AdaMax) and `main`, the command line that every
+benchmark script (mnist.py, cifar10.py, svhn.py) shares.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# Binarization (paper Section 1.1-1.3)
+
+
+def hard_sigmoid(x):
+    """hard_sigmoid(x) = clip((x + 1) / 2, 0, 1), the paper's Eq. 3."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def sign(x):
+    """sign(x) in {-1, +1} with sign(0) = +1 (-0.0 included): the one convention of the
+    whole project. Computed as 1 - 2 * [x < 0] in two vectorized passes over one buffer,
+    several times faster than torch.where on the 16M-element weight matrices."""
+    out = torch.lt(x, 0, out=torch.empty_like(x))
+    return out.mul_(-2).add_(1)
+
+
+class _BinaryTanh(torch.autograd.Function):
+    """Forward sign(x); backward the straight-through estimator g * 1{|x| <= 1} (Eq. 4)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+def binary_tanh_unit(x):
+    """The binary activation: 2 * round(hard_sigmoid(x)) - 1, i.e. sign(x) with its STE.
+
+    This is the only place a gradient is cancelled (where |x| > 1)."""
+    return _BinaryTanh.apply(x)
+
+
+class BinaryTanh(nn.Module):
+    """binary_tanh_unit as a layer (the reference's NonlinearityLayer)."""
+
+    def forward(self, x):
+        return binary_tanh_unit(x)
+
+
+class _Binarize(torch.autograd.Function):
+    """Wb in {-H, +H}; backward: the gradient w.r.t. Wb is applied to the real W unchanged.
+
+    No 1{|w| <= 1} factor here: the clipping of the update rule does that job."""
+
+    @staticmethod
+    def forward(ctx, W, H, stochastic):
+        if stochastic:  # +H with probability hard_sigmoid(W / H)
+            Wb = torch.lt(torch.rand_like(W), hard_sigmoid(W / H)).to(W.dtype).mul_(2 * H).sub_(H)
+        else:
+            Wb = sign(W) if H == 1 else sign(W).mul_(H)
+        return Wb
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+def binarization(W, H, binary=True, deterministic=False, stochastic=False):
+    """Binarize the real weights W to Wb in {-H, +H} (paper Eq. 1 and 2).
+
+    Deterministic: Wb = H * sign(W). Stochastic: Wb = +H with probability
+    hard_sigmoid(W / H), else -H. As in the reference, `deterministic` means evaluation:
+    a stochastic model is then evaluated with its real-valued weights."""
+    if not binary or (deterministic and stochastic):
+        return W
+    return _Binarize.apply(W, H, stochastic)
+
+
+# ---------------------------------------------------------------------------
+# Binary layers
+
+
+def glorot_scale(fan_in, fan_out):
+    """W_LR_scale = 1 / sqrt(1.5 / (fan_in + fan_out)): the per-layer "Glorot" step scale."""
+    return 1.0 / math.sqrt(1.5 / (fan_in + fan_out))
+
+
+class _BinaryWeights:
+    """Shared state of DenseLayer and Conv2DLayer: H, W_LR_scale, Uniform(-H, H) init."""
+
+    def _setup_binary(self, H, W_LR_scale, fan_in, fan_out, stochastic):
+        self.H = H
+        self.W_LR_scale = glorot_scale(fan_in, fan_out) if W_LR_scale == "Glorot" else W_LR_scale
+        self.stochastic = stochastic
+        with torch.no_grad():
+            self.weight.uniform_(-H, H)
+            self.bias.zero_()  # biases are never binarized; Lasagne's default init is 0
+
+    def binary_weight(self):
+        return binarization(self.weight, self.H, deterministic=not self.training,
+                            stochastic=self.stochastic)
+
+
+class DenseLayer(nn.Linear, _BinaryWeights):
+    """A fully connected layer with binarized weights and a real bias."""
+
+    def __init__(self, in_features, out_features, H=1.0, W_LR_scale="Glorot", stochastic=False):
+        super().__init__(in_features, out_features)
+        self._setup_binary(H, W_LR_scale, in_features, out_features, stochastic)
+
+    def forward(self, x):
+        return F.linear(x.flatten(1), self.binary_weight(), self.bias)
+
+
+class Conv2DLayer(nn.Conv2d, _BinaryWeights):
+    """A 3x3 (by default), stride-1, same-padded convolution with binarized weights."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, padding=1, H=1.0,
+                 W_LR_scale="Glorot", stochastic=False):
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding)
+        kh, kw = self.kernel_size
+        self._setup_binary(H, W_LR_scale, in_channels * kh * kw, out_channels * kh * kw, stochastic)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.binary_weight(), self.bias)
+
+
+def binary_layers(model):
+    return [m for m in model.modules() if isinstance(m, _BinaryWeights)]
+
+
+# ---------------------------------------------------------------------------
+# Batch normalization: the standard one, and the paper's shift-based one (Algorithm 3)
+
+BN_EPSILON = 1e-4
+BN_ALPHA = 0.1  # moving averages: new = (1 - alpha) * old + alpha * batch
+
+
+class _AP2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.sign(x) * torch.exp2(torch.round(torch.log2(x.abs())))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def ap2(x):
+    """AP2(x) = sign(x) * 2^round(log2|x|): the power of two nearest x in log2.
+
+    Multiplying by AP2(x) is a bit shift. AP2(0) = 0. The gradient passes straight
+    through the rounding, as through binarization."""
+    return _AP2.apply(x)
+
+
+class ShiftBatchNorm(nn.Module):
+    """Shift-based batch normalization (paper Algorithm 3).
+
+    C = x - mean; var = mean(C * AP2(C)); xhat = C * AP2(1 / sqrt(var + eps));
+    y = AP2(gamma) * xhat + beta. Running mean and variance are kept as moving averages
+    and used at evaluation, as for the standard batch norm. The state_dict names match
+    nn.BatchNorm (weight = gamma, bias = beta, running_mean, running_var)."""
+
+    def __init__(self, num_features, eps=BN_EPSILON, momentum=BN_ALPHA):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x):
+        dims = [0] + list(range(2, x.dim()))  # per feature: over batch (and space)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.training:
+            mean = x.mean(dims)
+            C = x - mean.view(shape)
+            var = (C * ap2(C)).mean(dims)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var, self.momentum)
+        else:
+            C = x - self.running_mean.view(shape)
+            var = self.running_var
+        xhat = C * ap2(torch.rsqrt(var + self.eps)).view(shape)
+        return ap2(self.weight).view(shape) * xhat + self.bias.view(shape)
+
+
+def BatchNorm(num_features, dim, kind="standard"):
+    """Batch norm after a dense (dim=1) or conv (dim=2) layer, epsilon 1e-4, alpha 0.1.
+
+    The standard one is PyTorch's, whose running variance is the unbiased batch
+    variance; Lasagne averaged 1/std instead, a difference that only touches evaluation."""
+    if kind == "shift":
+        return ShiftBatchNorm(num_features)
+    cls = nn.BatchNorm1d if dim == 1 else nn.BatchNorm2d
+    return cls(num_features, eps=BN_EPSILON, momentum=BN_ALPHA)
+
+
+# ---------------------------------------------------------------------------
+# The update rule (paper Algorithm 1) and the shift-based AdaMax (Algorithm 4)
+
+
+class ShiftAdaMax(torch.optim.Optimizer):
+    """Shift-based AdaMax (paper Algorithm 4): every multiplication by a power of two.
+
+    m = b1 m + (1 - b1) g;  v = max(b2 v, |g|);
+    theta -= AP2(lr * scale / (1 - b1^t)) * m * AP2(1 / v).
+    Defaults lr = 2^-10, 1 - b1 = 2^-3, 1 - b2 = 2^-10. The per-group `scale` carries
+    the Glorot scale of binarized weights, so that factor is a shift as well."""
+
+    def __init__(self, params, lr=2.0 ** -10, betas=(1 - 2.0 ** -3, 1 - 2.0 ** -10), eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, scale=1.0))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p)
+                    state["v"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["m"], state["v"]
+                m.lerp_(p.grad, 1 - b1)
+                torch.maximum(v * b2, p.grad.abs(), out=v)
+                rate = ap2(torch.tensor(group["lr"] * group["scale"] / (1 - b1 ** state["step"])))
+                p.sub_(m * ap2(1.0 / (v + group["eps"])) * rate.item())
+
+
+def clipping_scaling(model, lr, optimizer="adam"):
+    """The reference update rule (Algorithm 1), as one optimizer over every parameter.
+
+    Adam (beta1 0.9, beta2 0.999, eps 1e-8) on all parameters; for each layer's
+    binarized weights the step is scaled by the layer's W_LR_scale. Scaling Adam's
+    step equals scaling the group's learning rate (eps sits inside the step), so each
+    binary layer gets its own parameter group with `scale`. After every step, call
+    `clip_weights` to clip binarized weights to [-H, H]."""
+    binary = binary_layers(model)
+    binary_ids = {id(m.weight) for m in binary}
+    groups = [dict(params=[m.weight], scale=m.W_LR_scale) for m in binary]
+    groups.append(dict(params=[p for p in model.parameters() if id(p) not in binary_ids], scale=1.0))
+    if optimizer == "shift-adamax":
+        opt = ShiftAdaMax(groups, lr=lr)
+    else:
+        # fused Adam is several times faster than the per-tensor loop on the CPU
+        opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    set_lr(opt, lr)
+    return opt
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, ShiftAdaMax):
+            group["lr"] = lr  # the scale stays apart, to be rounded with the rest
+        else:
+            group["lr"] = lr * group["scale"]
+
+
+@torch.no_grad()
+def clip_weights(model):
+    for m in binary_layers(model):
+        m.weight.clamp_(-m.H, m.H)
+
+
+def lr_decay(lr_start, lr_fin, num_epochs):
+    """The per-epoch factor: LR *= (LR_fin / LR_start) ** (1 / num_epochs)."""
+    return (lr_fin / lr_start) ** (1.0 / num_epochs)
+
+
+def squared_hinge_loss(output, target):
+    """mean(max(0, 1 - t * y)^2) with t the one-hot target mapped to +-1."""
+    t = 2.0 * F.one_hot(target, output.shape[1]).to(output.dtype) - 1.0
+    return F.relu(1.0 - t * output).square().mean()
+
+
+# ---------------------------------------------------------------------------
+# The training loop (the reference binary_net.train)
+
+
+def scale_pixels(X):
+    """uint8 pixels to [-1, 1]: 2/255 * x - 1, done per batch so data stays uint8."""
+    return X.float().mul_(2.0 / 255.0).sub_(1.0)
+
+
+def train_step(model, optimizer, x, y):
+    """One step of Algorithm 1: forward with binary weights, backward, update, clip."""
+    loss = squared_hinge_loss(model(scale_pixels(x)), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    clip_weights(model)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model, X, y, batch_size):
+    """Mean loss and error rate (percent) over all of X, in evaluation mode."""
+    model.eval()
+    loss, errors = 0.0, 0
+    for i in range(0, len(X), batch_size):
+        out = model(scale_pixels(X[i:i + batch_size]))
+        loss += squared_hinge_loss(out, y[i:i + batch_size]).item() * len(out)
+        errors += (out.argmax(1) != y[i:i + batch_size]).sum().item()
+    return loss / len(X), 100.0 * errors / len(X)
+
+
+def train_epoch(model, optimizer, X, y, batch_size, generator, progress):
+    """One pass over the shuffled training set, full batches only (as the reference)."""
+    model.train()
+    order = torch.randperm(len(X), generator=generator).to(X.device)
+    batches = len(X) // batch_size
+    total = torch.zeros((), device=X.device)
+    bar = _progress(batches, progress)
+    for i in range(batches):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        total += train_step(model, optimizer, X[idx], y[idx])
+        if bar is not None and (i % 10 == 9 or i == batches - 1):
+            bar.set_postfix(loss=f"{total.item() / (i + 1):.4f}", refresh=False)
+            bar.update(i + 1 - bar.n)
+    if bar is not None:
+        bar.close()
+    return total.item() / max(batches, 1)
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def state_to_numpy(model):
+    """The model's tensors as named float32 arrays (state_dict names), for an .npz."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def _atomic_save(path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_parameters(model, path):
+    """The parameters as an .npz that numpy alone opens, one array per tensor."""
+    _atomic_save(path, lambda f: np.savez(f, **state_to_numpy(model)))
+
+
+def train(model, optimizer, data, batch_size, LR_start, LR_fin, num_epochs, save_path=None,
+          checkpoint_path=None, metrics_path=None, resume=False, seed=0, progress=True,
+          log=print):
+    """The reference training loop (binary_net.train).
+
+    Shuffle every epoch; train on full batches; evaluate validation; when
+    val_err <= best, record the epoch, evaluate test and save the parameters; decay the
+    LR once per epoch. At the end of every epoch the whole training state is written
+    atomically to `checkpoint_path`, from which `resume=True` continues exactly.
+    `data` maps 'train', 'valid', 'test' to (X uint8, y int64) tensors on the device.
+    Returns the list of per-epoch metrics."""
+    X_train, y_train = data["train"]
+    generator = torch.Generator().manual_seed(seed)
+    decay = lr_decay(LR_start, LR_fin, num_epochs)
+    history, start = [], 0
+    best = dict(best_epoch=0, best_val_err=100.0, test_loss=float("nan"), test_err=float("nan"))
+    if resume and checkpoint_path and Path(checkpoint_path).exists():
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"]
+        log(f"resumed from {checkpoint_path} after epoch {start}")
+    elif resume:
+        log(f"no checkpoint at {checkpoint_path}: starting from scratch")
+    if metrics_path:  # rewrite what the checkpoint knows, so the two never disagree
+        _atomic_save(metrics_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
+    for epoch in range(start, num_epochs):
+        lr = LR_start * decay ** epoch
+        set_lr(optimizer, lr)
+        t0 = time.time()
+        train_loss = train_epoch(model, optimizer, X_train, y_train, batch_size, generator, progress)
+        val_loss, val_err = evaluate(model, *data["valid"], batch_size)
+        if val_err <= best["best_val_err"]:
+            best["best_val_err"], best["best_epoch"] = val_err, epoch + 1
+            best["test_loss"], best["test_err"] = evaluate(model, *data["test"], batch_size)
+            if save_path:
+                save_parameters(model, save_path)
+        row = dict(epoch=epoch + 1, seconds=time.time() - t0, lr=lr, train_loss=train_loss,
+                   val_loss=val_loss, val_err=val_err, **best)
+        history.append(row)
+        report_epoch(row, num_epochs, log)
+        if metrics_path:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plot_history(history, Path(metrics_path).with_suffix(".png"))
+        if checkpoint_path:
+            ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        generator=generator.get_state(), rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        history=history, best=best, epoch=epoch + 1)
+            _atomic_save(checkpoint_path, lambda f: torch.save(ckpt, f))
+    return history
+
+
+def report_epoch(row, num_epochs, log=print):
+    """The per-epoch report, as the reference code printed it."""
+    log(f"Epoch {row['epoch']} of {num_epochs} took {row['seconds']:.2f}s")
+    log(f"  LR:                            {row['lr']:.6g}")
+    log(f"  training loss:                 {row['train_loss']:.6f}")
+    log(f"  validation loss:               {row['val_loss']:.6f}")
+    log(f"  validation error rate:         {row['val_err']:.2f}%")
+    log(f"  best epoch:                    {row['best_epoch']}")
+    log(f"  best validation error rate:    {row['best_val_err']:.2f}%")
+    log(f"  test loss:                     {row['test_loss']:.6f}")
+    log(f"  test error rate:               {row['test_err']:.2f}%")
+
+
+def plot_history(history, path):
+    """Training loss and validation/test error per epoch, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], marker=".", label="training")
+    ax1.plot(epochs, [h["val_loss"] for h in history], marker=".", label="validation")
+    ax1.set(xlabel="epoch", ylabel="squared hinge loss", title="loss")
+    ax2.plot(epochs, [h["val_err"] for h in history], marker=".", label="validation")
+    ax2.plot(epochs, [h["test_err"] for h in history], marker=".", label="test (at best validation)")
+    ax2.set(xlabel="epoch", ylabel="error rate (%)", title="error")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Model summary
+
+
+def model_summary(model):
+    """A table: each layer with parameters, its parameter count, how many are binarized,
+    and the model's size at 32 bits and with binarized weights packed at 1 bit."""
+    rows, total, total_bin = [], 0, 0
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        n = sum(p.numel() for p in own)
+        nb = m.weight.numel() if isinstance(m, _BinaryWeights) else 0
+        rows.append(f"  {name:<12} {type(m).__name__:<16} {n:>12,} {nb:>12,}")
+        total, total_bin = total + n, total_bin + nb
+    bits32 = 4 * total
+    bits1 = (total_bin + 7) // 8 + 4 * (total - total_bin)
+    head = f"  {'layer':<12} {'type':<16} {'parameters':>12} {'binarized':>12}"
+    return "\n".join([head, *rows, f"  {'total':<29} {total:>12,} {total_bin:>12,}",
+                      f"  size: {bits32 / 2**20:.2f} MiB at 32 bits, "
+                      f"{bits1 / 2**20:.2f} MiB with binary weights packed at 1 bit "
+                      f"({bits32 / bits1:.1f}x smaller)"])
+
+
+# ---------------------------------------------------------------------------
+# The command line that every benchmark script shares
+
+
+def parse_args(recipe, argv=None):
+    """The flags of every benchmark script; defaults are the paper's recipe."""
+    p = argparse.ArgumentParser(description=recipe["description"])
+    p.add_argument("--epochs", type=int, default=recipe["num_epochs"])
+    p.add_argument("--batch-size", type=int, default=recipe["batch_size"])
+    p.add_argument("--hidden-units", type=int, default=recipe["num_units"],
+                   help="width of the fully connected hidden layers")
+    p.add_argument("--data-dir", default=None, help="where the data files are (default: a per-user cache, "
+                   "downloaded on first use)")
+    p.add_argument("--save-path", default=recipe["save_path"], help="best-validation parameters (.npz)")
+    p.add_argument("--metrics", default=None, help="per-epoch metrics as JSON lines (and a PNG plot beside)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --save-path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each split")
+    p.add_argument("--bn", choices=["standard", "shift"], default="standard",
+                   help="batch normalization: standard, or the paper's shift-based one")
+    p.add_argument("--optimizer", choices=["adam", "shift-adamax"], default="adam")
+    p.add_argument("--stochastic", action="store_true", help="stochastic weight binarization")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for flag in ("epochs", "batch_size", "hidden_units"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(recipe, build_model, load_data, argv=None):
+    """Parse the flags, print the recipe, load the data, build the model, train.
+
+    recipe: the benchmark's constants (printed at the start, as the reference did);
+    build_model(args) -> nn.Module; load_data(data_dir) -> {'train'|'valid'|'test': (X, y)}."""
+    import datasets  # the data loaders (the role pylearn2 played for the reference)
+    args = parse_args(recipe, argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    constants = dict(recipe, save_path=args.save_path, num_epochs=args.epochs, batch_size=args.batch_size, num_units=args.hidden_units,
+                     bn=args.bn, optimizer=args.optimizer, stochastic=args.stochastic, device=str(device))
+    constants.pop("description")
+    for k, v in constants.items():
+        print(f"{k} = {v}")
+    try:
+        splits = load_data(args.data_dir)
+    except datasets.DataError as e:
+        sys.exit(f"error: {e}")
+    data = {}
+    for name, (X, y) in splits.items():
+        X, y = X[:args.limit], y[:args.limit]
+        data[name] = (torch.from_numpy(np.require(X, requirements=["C", "W"])).to(device),
+                      torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
+    if len(data["train"][0]) < args.batch_size:
+        sys.exit(f"error: {len(data['train'][0])} training examples is fewer than one batch of {args.batch_size}")
+    print("splits: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in data.items()))
+    model = build_model(args).to(device)
+    print(model_summary(model))
+    optimizer = clipping_scaling(model, recipe["LR_start"], args.optimizer)
+    checkpoint = Path(args.save_path).with_suffix(".ckpt")
+    try:
+        train(model, optimizer, data, args.batch_size, recipe["LR_start"], recipe["LR_fin"], args.epochs,
+              save_path=args.save_path, checkpoint_path=checkpoint, metrics_path=args.metrics,
+              resume=args.resume, seed=args.seed, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted: the last finished epoch is in {checkpoint}; continue with --resume")

@@ -1,0 +1,56 @@
+"""BinaryNet on MNIST: the paper's binarized MLP (Section 2.1, Table 1: 0.96% test error).
+
+    python mnist.py                      # the paper's recipe: 1000 epochs at 4096 units
+    python mnist.py --epochs 1 --hidden-units 1024 --data-dir ../shared/data/mnist
+
+dropout 0.2 -> 3 x [binary dense 4096 -> BN -> binary_tanh_unit -> dropout 0.5]
+-> binary dense 10 -> BN, trained with the squared hinge loss.
+"""
+from collections import OrderedDict
+
+import torch.nn as nn
+
+import binary_net
+import datasets
+
+# The recipe of the reference mnist.py (all of its constants, in one place)
+recipe = dict(
+    description=__doc__.splitlines()[0],
+    batch_size=100,
+    alpha=binary_net.BN_ALPHA,        # batch norm moving-average factor
+    epsilon=binary_net.BN_EPSILON,    # batch norm epsilon
+    num_units=4096,
+    n_hidden_layers=3,
+    num_epochs=1000,
+    dropout_in=0.2,
+    dropout_hidden=0.5,
+    H=1.0,
+    W_LR_scale="Glorot",
+    LR_start=0.003,
+    LR_fin=0.0000003,
+    save_path="mnist_parameters.npz",
+)
+
+
+def build_model(num_units=recipe["num_units"], n_hidden_layers=recipe["n_hidden_layers"], bn="standard",
+                stochastic=False):
+    """The MLP, with module names dense1.., bn1.. that the saved .npz keys carry."""
+    r = recipe
+    layers = [("dropout_in", nn.Dropout(r["dropout_in"]))]
+    n_in = 28 * 28
+    for i in range(1, n_hidden_layers + 1):
+        layers += [(f"dense{i}", binary_net.DenseLayer(n_in, num_units, r["H"], r["W_LR_scale"], stochastic)),
+                   (f"bn{i}", binary_net.BatchNorm(num_units, dim=1, kind=bn)),
+                   (f"act{i}", binary_net.BinaryTanh()),
+                   (f"dropout{i}", nn.Dropout(r["dropout_hidden"]))]
+        n_in = num_units
+    i = n_hidden_layers + 1
+    layers += [(f"dense{i}", binary_net.DenseLayer(n_in, 10, r["H"], r["W_LR_scale"], stochastic)),
+               (f"bn{i}", binary_net.BatchNorm(10, dim=1, kind=bn))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+if __name__ == "__main__":
+    binary_net.main(recipe,
+                    lambda args: build_model(args.hidden_units, bn=args.bn, stochastic=args.stochastic),
+                    datasets.load_mnist)

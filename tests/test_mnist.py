@@ -1,0 +1,51 @@
+"""mnist.py end to end, as a user runs it, on the real MNIST."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "mnist.py"), "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+def test_mnist_trains_a_working_bnn(tmp_path, mnist_dir):
+    """Two epochs at 256 units on the first 20,000 training images.
+
+    Threshold 10% test error: chance is 90%, and a net whose binarized forward pass or
+    straight-through gradients were broken stays far above it; a working BNN of this
+    size reaches about 6% (measured: see the README), so 10% leaves room for seeds and
+    BLAS differences while still requiring real learning through 4 binarized layers."""
+    metrics, params = tmp_path / "m.jsonl", tmp_path / "p.npz"
+    r = run_script("--epochs", 2, "--hidden-units", 256, "--limit", 20000, "--data-dir", mnist_dir,
+                   "--metrics", metrics, "--save-path", params)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r_["epoch"] for r_ in rows] == [1, 2]
+    keys = {"epoch", "seconds", "lr", "train_loss", "val_loss", "val_err", "best_epoch", "best_val_err",
+            "test_loss", "test_err"}
+    assert all(set(row) == keys for row in rows)
+    assert rows[1]["lr"] == rows[0]["lr"] * (3e-7 / 0.003) ** (1 / 2)
+    assert rows[-1]["test_err"] <= 10.0, rows[-1]
+    assert "test error rate:" in r.stdout and "best validation error rate:" in r.stdout
+    assert "binarized" in r.stdout and "LR_start = 0.003" in r.stdout  # summary and recipe
+    assert metrics.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    with np.load(params) as f:
+        assert f["dense1.weight"].shape == (256, 784)
+    assert params.with_suffix(".ckpt").exists()
+
+
+def test_bad_data_dir_is_a_one_line_error(tmp_path):
+    r = run_script("--epochs", 1, "--data-dir", tmp_path / "nowhere", "--save-path", tmp_path / "p.npz")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "error:" in r.stderr
+
+
+def test_bad_flag_values_are_refused(tmp_path):
+    r = run_script("--epochs", 0)
+    assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr
