@@ -110,47 +110,55 @@ def glorot_scale(fan_in, fan_out):
 
 
 class _BinaryWeights:
-    """Shared state of DenseLayer and Conv2DLayer: H, W_LR_scale, Uniform(-H, H) init."""
+    """What DenseLayer and Conv2DLayer share: H, W_LR_scale, Uniform(-H, H) init.
 
-    def _setup_binary(self, H, W_LR_scale, fan_in, fan_out, stochastic):
-        self.H = H
+    With binary=False the layer is a plain float layer (the reference's switch, used
+    here for the float twin of a network that --bench-step times)."""
+
+    def _setup_binary(self, binary, stochastic, H, W_LR_scale, fan_in, fan_out):
+        self.binary, self.stochastic, self.H = binary, stochastic, H
         self.W_LR_scale = glorot_scale(fan_in, fan_out) if W_LR_scale == "Glorot" else W_LR_scale
-        self.stochastic = stochastic
-        with torch.no_grad():
-            self.weight.uniform_(-H, H)
-            self.bias.zero_()  # biases are never binarized; Lasagne's default init is 0
+        if binary:
+            with torch.no_grad():
+                self.weight.uniform_(-H, H)
+                self.bias.zero_()  # biases are never binarized; Lasagne's default init is 0
 
     def binary_weight(self):
-        return binarization(self.weight, self.H, deterministic=not self.training,
+        return binarization(self.weight, self.H, self.binary, deterministic=not self.training,
                             stochastic=self.stochastic)
 
 
 class DenseLayer(nn.Linear, _BinaryWeights):
     """A fully connected layer with binarized weights and a real bias."""
 
-    def __init__(self, in_features, out_features, H=1.0, W_LR_scale="Glorot", stochastic=False):
+    def __init__(self, in_features, out_features, binary=True, stochastic=False, H=1.0, W_LR_scale="Glorot"):
         super().__init__(in_features, out_features)
-        self._setup_binary(H, W_LR_scale, in_features, out_features, stochastic)
+        self._setup_binary(binary, stochastic, H, W_LR_scale, in_features, out_features)
 
     def forward(self, x):
         return F.linear(x.flatten(1), self.binary_weight(), self.bias)
 
 
 class Conv2DLayer(nn.Conv2d, _BinaryWeights):
-    """A 3x3 (by default), stride-1, same-padded convolution with binarized weights."""
+    """A 3x3, stride-1, padded-by-1 convolution with binarized weights and a real bias."""
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, padding=1, H=1.0,
-                 W_LR_scale="Glorot", stochastic=False):
+    def __init__(self, in_channels, out_channels, binary=True, stochastic=False, H=1.0, W_LR_scale="Glorot",
+                 kernel_size=3, padding=1):
         super().__init__(in_channels, out_channels, kernel_size, padding=padding)
-        kh, kw = self.kernel_size
-        self._setup_binary(H, W_LR_scale, in_channels * kh * kw, out_channels * kh * kw, stochastic)
+        fan_in, fan_out = (c * self.kernel_size[0] * self.kernel_size[1] for c in (in_channels, out_channels))
+        self._setup_binary(binary, stochastic, H, W_LR_scale, fan_in, fan_out)
 
     def forward(self, x):
         return self._conv_forward(x, self.binary_weight(), self.bias)
 
 
 def binary_layers(model):
-    return [m for m in model.modules() if isinstance(m, _BinaryWeights)]
+    return [m for m in model.modules() if isinstance(m, _BinaryWeights) and m.binary]
+
+
+def activation(binary):
+    """binary_tanh_unit for a BNN; hard tanh, its float counterpart, for the float twin."""
+    return BinaryTanh() if binary else nn.Hardtanh()
 
 
 # ---------------------------------------------------------------------------
@@ -480,13 +488,13 @@ def plot_history(history, path):
 def model_summary(model):
     """A table: each layer with parameters, its parameter count, how many are binarized,
     and the model's size at 32 bits and with binarized weights packed at 1 bit."""
-    rows, total, total_bin = [], 0, 0
+    rows, total, total_bin, binary = [], 0, 0, binary_layers(model)
     for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
         if not own:
             continue
         n = sum(p.numel() for p in own)
-        nb = m.weight.numel() if isinstance(m, _BinaryWeights) else 0
+        nb = m.weight.numel() if m in binary else 0
         rows.append(f"  {name:<12} {type(m).__name__:<16} {n:>12,} {nb:>12,}")
         total, total_bin = total + n, total_bin + nb
     bits32 = 4 * total
@@ -522,6 +530,8 @@ def parse_args(recipe, argv=None):
     p.add_argument("--optimizer", choices=["adam", "shift-adamax"], default="adam")
     p.add_argument("--stochastic", action="store_true", help="stochastic weight binarization")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--bench-step", type=int, default=0, metavar="N",
+                   help="time N training steps of the BNN and of its float twin on random pixels, then exit")
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size", "hidden_units"):
         if getattr(args, flag) < 1:
@@ -533,15 +543,44 @@ def parse_args(recipe, argv=None):
     return args
 
 
+def bench_step(recipe, build_model, args, device):
+    """Time one training step of the BNN against the same network in float.
+
+    The float twin has binary=False layers, hard tanh activations and plain Adam (no
+    scaling, no clipping). The two alternate step by step so that drift of the
+    machine's speed falls on both; medians are reported."""
+    x = torch.randint(0, 256, (args.batch_size, *recipe["input_shape"]), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    runs = {}
+    for name, binary in (("binary", True), ("float", False)):
+        model = build_model(args, binary=binary).to(device).train()
+        runs[name] = (model, clipping_scaling(model, recipe["LR_start"], args.optimizer), [])
+    for i in range(args.bench_step + 2):
+        for model, opt, times in runs.values():
+            t0 = time.perf_counter()
+            train_step(model, opt, x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:  # two warm-up steps
+                times.append(time.perf_counter() - t0)
+    med = {k: float(np.median(v[2])) for k, v in runs.items()}
+    print(f"training step, batch {args.batch_size}, {args.bench_step} steps each, on {device}: "
+          f"binary {1e3 * med['binary']:.1f} ms, float {1e3 * med['float']:.1f} ms, "
+          f"ratio {med['binary'] / med['float']:.2f}")
+    return med
+
+
 def main(recipe, build_model, load_data, argv=None):
     """Parse the flags, print the recipe, load the data, build the model, train.
 
     recipe: the benchmark's constants (printed at the start, as the reference did);
-    build_model(args) -> nn.Module; load_data(data_dir) -> {'train'|'valid'|'test': (X, y)}."""
+    build_model(args, binary=True) -> nn.Module; load_data(data_dir) -> {'train'|'valid'|'test': (X, y)}."""
     import datasets  # the data loaders (the role pylearn2 played for the reference)
     args = parse_args(recipe, argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
+    if args.bench_step:
+        return bench_step(recipe, build_model, args, device)
     constants = dict(recipe, save_path=args.save_path, num_epochs=args.epochs, batch_size=args.batch_size, num_units=args.hidden_units,
                      bn=args.bn, optimizer=args.optimizer, stochastic=args.stochastic, device=str(device))
     constants.pop("description")

@@ -17,6 +17,7 @@ import datasets
 # The recipe of the reference cifar10.py (all of its constants, in one place)
 recipe = dict(
     description=__doc__.splitlines()[0],
+    input_shape=(3, 32, 32),
     batch_size=50,
     alpha=binary_net.BN_ALPHA,        # batch norm moving-average factor
     epsilon=binary_net.BN_EPSILON,    # batch norm epsilon
@@ -31,30 +32,31 @@ recipe = dict(
 )
 
 
-def build_model(filters, num_units, H=1.0, W_LR_scale="Glorot", bn="standard", stochastic=False):
+def build_model(filters, num_units, H=1.0, W_LR_scale="Glorot", bn="standard", stochastic=False, binary=True):
     """The paper's ConvNet: pairs of 3x3 binary convolutions, the second of each pair
     max-pooled before its batch norm, then two binary dense layers and the output layer.
     Module names conv1.., dense1.., bn1.. are the keys of the saved .npz."""
+    opts = dict(binary=binary, stochastic=stochastic, H=H, W_LR_scale=W_LR_scale)
     layers, c_in, size = [], 3, 32
     for i, c_out in enumerate(filters, start=1):
-        layers.append((f"conv{i}", binary_net.Conv2DLayer(c_in, c_out, 3, 1, H, W_LR_scale, stochastic)))
+        layers.append((f"conv{i}", binary_net.Conv2DLayer(c_in, c_out, **opts)))
         if i % 2 == 0:  # pooling comes before batch norm, as in the reference
             layers.append((f"pool{i // 2}", nn.MaxPool2d(2)))
             size //= 2
-        layers += [(f"bn{i}", binary_net.BatchNorm(c_out, dim=2, kind=bn)), (f"act{i}", binary_net.BinaryTanh())]
+        layers += [(f"bn{i}", binary_net.BatchNorm(c_out, dim=2, kind=bn)), (f"act{i}", binary_net.activation(binary))]
         c_in = c_out
     n_in, n = c_in * size * size, len(filters)
     for j, n_out in enumerate([num_units, num_units, 10], start=1):
-        layers += [(f"dense{j}", binary_net.DenseLayer(n_in, n_out, H, W_LR_scale, stochastic)),
+        layers += [(f"dense{j}", binary_net.DenseLayer(n_in, n_out, **opts)),
                    (f"bn{n + j}", binary_net.BatchNorm(n_out, dim=1, kind=bn))]
         if j < 3:
-            layers.append((f"act{n + j}", binary_net.BinaryTanh()))
+            layers.append((f"act{n + j}", binary_net.activation(binary)))
         n_in = n_out
     return nn.Sequential(OrderedDict(layers))
 
 
-def model_from_args(args, r=recipe):
-    return build_model(r["filters"], args.hidden_units, r["H"], r["W_LR_scale"], args.bn, args.stochastic)
+def model_from_args(args, binary=True, r=recipe):
+    return build_model(r["filters"], args.hidden_units, r["H"], r["W_LR_scale"], args.bn, args.stochastic, binary)
 
 
 if __name__ == "__main__":

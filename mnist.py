@@ -16,6 +16,7 @@ import datasets
 # The recipe of the reference mnist.py (all of its constants, in one place)
 recipe = dict(
     description=__doc__.splitlines()[0],
+    input_shape=(1, 28, 28),
     batch_size=100,
     alpha=binary_net.BN_ALPHA,        # batch norm moving-average factor
     epsilon=binary_net.BN_EPSILON,    # batch norm epsilon
@@ -33,24 +34,27 @@ recipe = dict(
 
 
 def build_model(num_units=recipe["num_units"], n_hidden_layers=recipe["n_hidden_layers"], bn="standard",
-                stochastic=False):
+                stochastic=False, binary=True):
     """The MLP, with module names dense1.., bn1.. that the saved .npz keys carry."""
     r = recipe
+    dense = dict(binary=binary, stochastic=stochastic, H=r["H"], W_LR_scale=r["W_LR_scale"])
     layers = [("dropout_in", nn.Dropout(r["dropout_in"]))]
     n_in = 28 * 28
     for i in range(1, n_hidden_layers + 1):
-        layers += [(f"dense{i}", binary_net.DenseLayer(n_in, num_units, r["H"], r["W_LR_scale"], stochastic)),
+        layers += [(f"dense{i}", binary_net.DenseLayer(n_in, num_units, **dense)),
                    (f"bn{i}", binary_net.BatchNorm(num_units, dim=1, kind=bn)),
-                   (f"act{i}", binary_net.BinaryTanh()),
+                   (f"act{i}", binary_net.activation(binary)),
                    (f"dropout{i}", nn.Dropout(r["dropout_hidden"]))]
         n_in = num_units
     i = n_hidden_layers + 1
-    layers += [(f"dense{i}", binary_net.DenseLayer(n_in, 10, r["H"], r["W_LR_scale"], stochastic)),
+    layers += [(f"dense{i}", binary_net.DenseLayer(n_in, 10, **dense)),
                (f"bn{i}", binary_net.BatchNorm(10, dim=1, kind=bn))]
     return nn.Sequential(OrderedDict(layers))
 
 
+def model_from_args(args, binary=True):
+    return build_model(args.hidden_units, bn=args.bn, stochastic=args.stochastic, binary=binary)
+
+
 if __name__ == "__main__":
-    binary_net.main(recipe,
-                    lambda args: build_model(args.hidden_units, bn=args.bn, stochastic=args.stochastic),
-                    datasets.load_mnist)
+    binary_net.main(recipe, model_from_args, datasets.load_mnist)

@@ -13,6 +13,7 @@ import datasets
 # The recipe of the reference svhn.py (all of its constants, in one place)
 recipe = dict(
     description=__doc__.splitlines()[0],
+    input_shape=(3, 32, 32),
     batch_size=50,
     alpha=binary_net.BN_ALPHA,        # batch norm moving-average factor
     epsilon=binary_net.BN_EPSILON,    # batch norm epsilon
@@ -27,4 +28,4 @@ recipe = dict(
 )
 
 if __name__ == "__main__":
-    binary_net.main(recipe, lambda args: cifar10.model_from_args(args, recipe), datasets.load_svhn)
+    binary_net.main(recipe, lambda args, binary=True: cifar10.model_from_args(args, binary, recipe), datasets.load_svhn)

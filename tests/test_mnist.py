@@ -14,14 +14,14 @@ def run_script(*args, cwd=ROOT):
 
 
 def test_mnist_trains_a_working_bnn(tmp_path, mnist_dir):
-    """Two epochs at 256 units on the first 20,000 training images.
+    """Two epochs at 256 units on the full 50,000 training images.
 
-    Threshold 10% test error: chance is 90%, and a net whose binarized forward pass or
-    straight-through gradients were broken stays far above it; a working BNN of this
-    size reaches about 6% (measured: see the README), so 10% leaves room for seeds and
-    BLAS differences while still requiring real learning through 4 binarized layers."""
+    Threshold 10% test error. Chance is 90%; this run measured 8.5%. The same run with
+    the straight-through gradient of binary_tanh_unit cut (so only the output layer
+    learns, on fixed random binary features) measured 37%: staying under 10% takes
+    learning through all four binarized layers."""
     metrics, params = tmp_path / "m.jsonl", tmp_path / "p.npz"
-    r = run_script("--epochs", 2, "--hidden-units", 256, "--limit", 20000, "--data-dir", mnist_dir,
+    r = run_script("--epochs", 2, "--hidden-units", 256, "--data-dir", mnist_dir,
                    "--metrics", metrics, "--save-path", params)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -35,7 +35,7 @@ def test_mnist_trains_a_working_bnn(tmp_path, mnist_dir):
     assert "binarized" in r.stdout and "LR_start = 0.003" in r.stdout  # summary and recipe
     assert metrics.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     with np.load(params) as f:
-        assert f["dense1.weight"].shape == (256, 784)
+        assert f["dense1.weight"].shape == (256, 784) and f["bn4.running_var"].shape == (10,)
     assert params.with_suffix(".ckpt").exists()
 
 
@@ -49,3 +49,10 @@ def test_bad_data_dir_is_a_one_line_error(tmp_path):
 def test_bad_flag_values_are_refused(tmp_path):
     r = run_script("--epochs", 0)
     assert r.returncode == 2 and "--epochs must be at least 1" in r.stderr
+
+
+def test_limit_takes_the_first_examples_of_each_split(tmp_path, mnist_dir):
+    r = run_script("--epochs", 1, "--hidden-units", 16, "--limit", 300, "--batch-size", 100,
+                   "--data-dir", mnist_dir, "--save-path", tmp_path / "p.npz")
+    assert r.returncode == 0, r.stderr
+    assert "splits: train 300, valid 300, test 300" in r.stdout
