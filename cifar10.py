@@ -9,10 +9,9 @@ no GCN, no ZCA whitening and no data augmentation: pixels are only scaled to [-1
 """
 from collections import OrderedDict
 
-import torch.nn as nn
-
-import binary_net
+import binary_net  # first: it configures torch's allocator before torch is imported
 import datasets
+import torch.nn as nn
 
 # The recipe of the reference cifar10.py (all of its constants, in one place)
 recipe = dict(

@@ -8,10 +8,9 @@ dropout 0.2 -> 3 x [binary dense 4096 -> BN -> binary_tanh_unit -> dropout 0.5]
 """
 from collections import OrderedDict
 
-import torch.nn as nn
-
-import binary_net
+import binary_net  # first: it configures torch's allocator before torch is imported
 import datasets
+import torch.nn as nn
 
 # The recipe of the reference mnist.py (all of its constants, in one place)
 recipe = dict(

@@ -161,3 +161,18 @@ def test_model_summary_counts_binarized_parameters():
     text = bn.model_summary(mnist.build_model(4096))
     # 784*4096 + 2*4096*4096 + 4096*10 binarized weights
     assert f"{784 * 4096 + 2 * 4096 * 4096 + 4096 * 10:,}" in text
+
+
+def test_reused_binary_weight_buffer_never_feeds_a_stale_backward():
+    """Layers write Wb into one buffer per step; a second forward before the first
+    one's backward must fail loudly (autograd's version check), never silently."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(bn.DenseLayer(6, 5), bn.BinaryTanh(), bn.DenseLayer(5, 3))
+    x = torch.randn(4, 6)
+    model(x).sum().backward()  # the ordinary step works
+    first = model(x).sum()
+    with torch.no_grad():
+        model[2].weight.neg_()
+    second = model(x).sum()
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        (first + second).backward()
