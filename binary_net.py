@@ -277,11 +277,13 @@ class ShiftAdaMax(torch.optim.Optimizer):
                     state["m"] = torch.zeros_like(p)
                     state["v"] = torch.zeros_like(p)
                 state["step"] += 1
-                m, v = state["m"], state["v"]
-                m.lerp_(p.grad, 1 - b1)
-                torch.maximum(v * b2, p.grad.abs(), out=v)
-                rate = ap2(torch.tensor(group["lr"] * group["scale"] / (1 - b1 ** state["step"])))
-                p.sub_(m * ap2(1.0 / (v + group["eps"])) * rate.item())
+                m, v, g = state["m"], state["v"], p.grad
+                m.lerp_(g, 1 - b1)
+                torch.maximum(v.mul_(b2), g.abs(), out=v)
+                rate = ap2(torch.tensor(group["lr"] * group["scale"] / (1 - b1 ** state["step"]))).item()
+                # AP2(1 / v) for v > 0 is 2^-round(log2 v), computed in place
+                inv_v = v.add(group["eps"]).log2_().round_().neg_().exp2_()
+                p.addcmul_(m, inv_v, value=-rate)
 
 
 def clipping_scaling(model, lr, optimizer="adam"):
@@ -423,14 +425,7 @@ def train(model, optimizer, data, batch_size, LR_start, LR_fin, num_epochs, save
     history, start = [], 0
     best = dict(best_epoch=0, best_val_err=100.0, test_loss=float("nan"), test_err=float("nan"))
     if resume and checkpoint_path and Path(checkpoint_path).exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        history, best, start = ckpt["history"], ckpt["best"], ckpt["epoch"]
+        history, best, start = load_checkpoint(checkpoint_path, model, optimizer, generator)
         log(f"resumed from {checkpoint_path} after epoch {start}")
     elif resume:
         log(f"no checkpoint at {checkpoint_path}: starting from scratch")
@@ -456,12 +451,39 @@ def train(model, optimizer, data, batch_size, LR_start, LR_fin, num_epochs, save
                 f.write(json.dumps(row) + "\n")
             plot_history(history, Path(metrics_path).with_suffix(".png"))
         if checkpoint_path:
-            ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        generator=generator.get_state(), rng=torch.get_rng_state(),
-                        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        history=history, best=best, epoch=epoch + 1)
-            _atomic_save(checkpoint_path, lambda f: torch.save(ckpt, f))
+            save_checkpoint(checkpoint_path, model, optimizer, generator, history, best, epoch + 1)
     return history
+
+
+def save_checkpoint(path, model, optimizer, generator, history, best, epoch):
+    """The whole training state after `epoch`, written atomically: RNGs included, so a
+    resumed run draws the same shuffles and dropout masks as an uninterrupted one."""
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
+                rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                history=history, best=best, epoch=epoch)
+    _atomic_save(path, lambda f: torch.save(ckpt, f))
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be resumed from; the message is one line."""
+
+
+def load_checkpoint(path, model, optimizer, generator):
+    """Restore what save_checkpoint wrote; returns (history, best, epoch)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except Exception as e:  # torch.load and load_state_dict raise many kinds, all multi-line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot resume from {path}: {reason[:200]} (was it written with other flags? "
+                              f"delete it to start afresh)") from e
+    generator.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["history"], ckpt["best"], ckpt["epoch"]
 
 
 def report_epoch(row, num_epochs, log=print):
@@ -622,9 +644,16 @@ def main(recipe, build_model, load_data, argv=None):
     print(model_summary(model))
     optimizer = clipping_scaling(model, recipe["LR_start"], args.optimizer)
     checkpoint = Path(args.save_path).with_suffix(".ckpt")
+    for path in filter(None, (args.save_path, args.metrics)):  # fail now, not after an epoch
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: cannot write {path}: {e.strerror or e}")
     try:
         train(model, optimizer, data, args.batch_size, recipe["LR_start"], recipe["LR_fin"], args.epochs,
               save_path=args.save_path, checkpoint_path=checkpoint, metrics_path=args.metrics,
               resume=args.resume, seed=args.seed, progress=not args.no_progress)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted: the last finished epoch is in {checkpoint}; continue with --resume")

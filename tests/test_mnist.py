@@ -56,3 +56,14 @@ def test_limit_takes_the_first_examples_of_each_split(tmp_path, mnist_dir):
                    "--data-dir", mnist_dir, "--save-path", tmp_path / "p.npz")
     assert r.returncode == 0, r.stderr
     assert "splits: train 300, valid 300, test 300" in r.stdout
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path, mnist_dir):
+    common = ["--epochs", 1, "--limit", 200, "--data-dir", mnist_dir, "--save-path", tmp_path / "p.npz"]
+    assert run_script(*common, "--hidden-units", 16).returncode == 0
+    r = run_script(*common, "--hidden-units", 32, "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "cannot resume from" in r.stderr
+    (tmp_path / "p.ckpt").write_bytes(b"not a checkpoint")
+    r = run_script(*common, "--hidden-units", 16, "--resume")
+    assert r.returncode == 1 and "cannot resume from" in r.stderr and "Traceback" not in r.stderr

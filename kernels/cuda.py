@@ -1,0 +1,49 @@
+"""Compile and launch the CUDA kernels of kernels/*.cu.
+
+The sources are compiled at first use with NVRTC through
+torch.cuda._compile_kernel, for the compute capability of the current GPU,
+so nothing is built where no GPU exists.
+"""
+import functools
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+TILE_XNOR = 64        # BM = BN in xnor_gemm.cu
+TILE_BASELINE = 16    # TILE in baseline_gemm.cu
+BLOCK = (16, 16, 1)
+
+
+@functools.cache
+def kernel(name: str):
+    """The kernel `name` compiled from kernels/`name`.cu, once per process."""
+    source = (HERE / f"{name}.cu").read_text()
+    return torch.cuda._compile_kernel(source, name)
+
+
+def grid(rows: int, cols: int, tile: int) -> tuple[int, int, int]:
+    return ((cols + tile - 1) // tile, (rows + tile - 1) // tile, 1)
+
+
+def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """a: M x KW words, b: N x KW words, contiguous CUDA int64.  M x N int32."""
+    m, n = a.shape[0], b.shape[0]
+    out = torch.empty(m, n, dtype=torch.int32, device=a.device)
+    if m and n:
+        with torch.cuda.device(a.device):
+            kernel("xnor_gemm")(grid=grid(m, n, TILE_XNOR), block=BLOCK,
+                                args=[a, b, out, m, n, k])
+    return out
+
+
+def baseline_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a: M x K, b: K x N contiguous CUDA float32.  a @ b by the 16 x 16 kernel."""
+    m, k = a.shape
+    n = b.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32, device=a.device)
+    if m and n:
+        with torch.cuda.device(a.device):
+            kernel("baseline_gemm")(grid=grid(m, n, TILE_BASELINE), block=BLOCK,
+                                    args=[a, b, out, m, n, k])
+    return out

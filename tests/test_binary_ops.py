@@ -1,0 +1,526 @@
+"""Tests of the 1-bit run time: binary_ops.py and the kernels in kernels/.
+
+Every kernel path is compared bit for bit with a plain float64 reference
+(sign(a) @ sign(b), sign(0) = +1): the tiled C kernel, the C baseline loop
+nest, a portable build of the C file without popcount instructions, the
+pure-PyTorch fallback and, on a GPU machine, the CUDA kernels.  The 1-bit
+MNIST network is checked layer by layer against the float path and end to
+end on the real test set (skipped where /work/shared/data/mnist is absent).
+No timing is asserted.
+"""
+import ctypes
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import binary_ops as bo
+from kernels import cpu as cpu_kernels
+
+REAL_MNIST = Path("/work/shared/data/mnist")
+HAS_C = shutil.which("gcc") is not None
+HAS_CUDA = torch.cuda.is_available()
+needs_c = pytest.mark.skipif(not HAS_C, reason="no C compiler")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no GPU")
+needs_mnist = pytest.mark.skipif(not (REAL_MNIST / "t10k-images-idx3-ubyte.gz").exists(),
+                                 reason="MNIST files absent")
+
+
+# ---------------------------------------------------------------------------
+# References and helpers
+# ---------------------------------------------------------------------------
+
+def sign64(x):
+    return torch.where(x >= 0, 1.0, -1.0).double()
+
+
+def reference_matmul(a, b):
+    return (sign64(a.cpu()) @ sign64(b.cpu())).float()
+
+
+def unpack(words, k):
+    """Inverse of pack: +-1 float rows of length k."""
+    bits = (words[..., None] >> torch.arange(64, device=words.device)) & 1
+    bits = bits.reshape(*words.shape[:-1], -1)
+    assert not bits[..., k:].any(), "padding bits must be 0"
+    return bits[..., :k].float() * 2 - 1
+
+
+def scale_pixels(pixels):
+    """The network's input as mnist.py feeds it: 2 p / 255 - 1."""
+    return 2 * pixels.reshape(len(pixels), -1).float() / 255 - 1
+
+
+def random_operands(m, k, n, seed, zeros=0.1, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+    for x in (a, b):    # exact zeros (and negative zeros) must count as +1
+        x[torch.rand(x.shape, generator=gen) < zeros] = 0.0
+        x[torch.rand(x.shape, generator=gen) < zeros / 2] = -0.0
+    return a.to(device), b.to(device)
+
+
+@pytest.fixture(params=["c_tiled", "c_baseline", "torch"])
+def cpu_path(request, monkeypatch):
+    """Each CPU code path in turn, as the kernel argument of xnor_matmul."""
+    if request.param.startswith("c_") and not HAS_C:
+        pytest.skip("no C compiler")
+    if request.param == "torch":
+        monkeypatch.setenv("BINARYNET_PURE_TORCH", "1")
+    return "baseline" if request.param == "c_baseline" else "xnor"
+
+
+# ---------------------------------------------------------------------------
+# Exactness of the GEMM on every path
+# ---------------------------------------------------------------------------
+
+SHAPES = [
+    (1, 1, 1),          # K = 1
+    (3, 63, 5), (4, 64, 4), (5, 65, 7),     # around one word
+    (33, 200, 130),     # M, N past the block sizes (MB = 32, NB = 128)
+    (7, 4096, 9),       # the paper's width
+    (5, 8192 + 130, 6),  # more than one K slice (KC = 128 words)
+    (0, 10, 3), (3, 10, 0),
+]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_xnor_matmul_exact(cpu_path, m, k, n):
+    a, b = random_operands(m, k, n, seed=m + 7 * k + 13 * n)
+    out = bo.xnor_matmul(a, b, kernel=cpu_path)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert torch.equal(out, reference_matmul(a, b))
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 140),
+       seed=st.integers(0, 2**31), zeros=st.sampled_from([0.0, 0.3, 1.0]))
+def test_xnor_matmul_exact_random_shapes(m, k, n, seed, zeros):
+    a, b = random_operands(m, k, n, seed, zeros)
+    expected = reference_matmul(a, b)
+    assert torch.equal(bo.xnor_matmul(a, b), expected)
+    if HAS_C:
+        assert torch.equal(bo.xnor_matmul(a, b, kernel="baseline"), expected)
+
+
+def test_pure_torch_path_matches(monkeypatch):
+    a, b = random_operands(19, 150, 70, seed=3)
+    monkeypatch.setenv("BINARYNET_PURE_TORCH", "1")
+    assert cpu_kernels.library() is None
+    assert torch.equal(bo.xnor_matmul(a, b), reference_matmul(a, b))
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, capsys):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    cpu_kernels._load.cache_clear()
+    try:
+        a, b = random_operands(9, 100, 5, seed=4)
+        assert torch.equal(bo.xnor_matmul(a, b), reference_matmul(a, b))
+        assert torch.equal(bo.xnor_matmul(a, b), reference_matmul(a, b))
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pure-PyTorch" in err
+    finally:
+        cpu_kernels._load.cache_clear()
+
+
+def test_packed_form_reused():
+    a, b = random_operands(6, 300, 11, seed=5)
+    b_words = bo.pack(b.T)
+    for rows in (a, -a, a[:2]):
+        out = bo.xnor_matmul_packed(bo.pack(rows), b_words, 300)
+        assert out.dtype == torch.int32
+        assert torch.equal(out.float(), reference_matmul(rows, b))
+
+
+CPU_FLAGS = cpu_kernels.cpu_signature().split()
+VARIANTS = {   # gcc flags, the popcount the build reports, the CPU flags it needs
+    "portable": (["-march=x86-64"], "portable", []),
+    "popcnt": (["-march=x86-64", "-mpopcnt"], "scalar popcnt", ["popcnt"]),
+    "avx2": (["-march=x86-64", "-mpopcnt", "-mavx2"], "AVX2", ["avx2"]),
+    "avx512": (["-march=x86-64", "-mavx512f", "-mavx512vpopcntdq"], "AVX-512",
+               ["avx512f", "avx512_vpopcntdq"]),
+}
+
+
+@needs_c
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_micro_kernel_variant(tmp_path, variant):
+    """Each #if branch of xnor_cpu.c, built explicitly and run where the CPU
+    can, bit for bit against the reference: plain GEMM, bit planes, fire."""
+    flags, kind, needs = VARIANTS[variant]
+    if cpu_kernels.platform.machine() != "x86_64" or not set(needs) <= set(CPU_FLAGS):
+        pytest.skip(f"this CPU cannot run the {variant} build")
+    lib_path = tmp_path / f"{variant}.so"
+    subprocess.run(["gcc", "-O2", *flags, "-shared", "-fPIC", "-pthread",
+                    str(cpu_kernels.SOURCE), "-o", str(lib_path)], check=True)
+    lib = cpu_kernels.declare(ctypes.CDLL(str(lib_path)))
+    assert lib.bnn_popcount_kind().decode().startswith(kind)
+    a, b = random_operands(37, 8192 + 333, 131, seed=11)
+    a_words = cpu_kernels.pack(lib, a.contiguous())
+    b_words = cpu_kernels.pack(lib, b.T.contiguous())
+    assert torch.equal(a_words, bo.pack_torch(a))
+    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1)
+    assert torch.equal(out.float(), reference_matmul(a, b))
+
+    pixels = torch.randint(0, 256, (9, 790), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    planes = cpu_kernels.pack_planes(lib, pixels)
+    assert torch.equal(planes, bo.pack_planes_torch(pixels))
+    w_words = bo.pack(b.T[:, :790].contiguous())
+    d = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8)
+    assert torch.equal(d.long(), (2 * pixels.long() - 255) @ sign64(b[:790]).long())
+    threshold = d[0].clone()
+    fired = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8, threshold)
+    assert torch.equal(fired, bo.fire_torch(d, threshold))
+
+
+@needs_c
+@pytest.mark.parametrize("flags", [["-march=native", "-Wall", "-Wextra", "-Werror"],
+                                   ["-march=x86-64", "-mavx512f", "-mavx512vpopcntdq", "-Werror"]])
+def test_c_source_compiles(tmp_path, flags):
+    """Compile-only check of each #if branch (the AVX-512 VPOPCNTDQ one cannot
+    run on a CPU without it)."""
+    if "-mavx512f" in flags and cpu_kernels.platform.machine() != "x86_64":
+        pytest.skip("x86 only")
+    subprocess.run(["gcc", "-O3", *flags, "-shared", "-fPIC", "-pthread",
+                    str(cpu_kernels.SOURCE), "-o", str(tmp_path / "x.so")], check=True)
+
+
+# ---------------------------------------------------------------------------
+# Bit planes and the threshold epilogue of the C kernel vs their PyTorch form
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 784, 65), (9, 100, 200), (4, 130, 64)])
+def test_bit_planes_and_fire(cpu_path, m, k, n):
+    gen = torch.Generator().manual_seed(k + n)
+    pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+    pixels[0, :3] = torch.tensor([0, 255, 128], dtype=torch.uint8)[: min(3, k)]
+    w = torch.where(torch.rand(n, k, generator=gen) < 0.5, 1.0, -1.0)
+    planes = bo.bit_planes(pixels)
+    assert planes.shape == (8 * m, bo.words(k))
+    bits = (unpack(planes, k).view(m, 8, k) + 1) / 2
+    assert torch.equal((bits * 2 ** torch.arange(8.0)[:, None]).sum(1), pixels.float())
+
+    d = bo._xnor_gemm_op(planes, bo.pack(w), k, 8)
+    expected = (2 * pixels.long() - 255) @ w.long().T     # 255 * (x . w), x = 2p/255 - 1
+    assert torch.equal(d.long(), expected)
+
+    threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)  # exact ties
+    threshold[::3] += 1
+    fired = bo._xnor_fire_op(planes, bo.pack(w), k, 8, threshold)
+    assert fired.shape == (m, bo.words(n))
+    assert torch.equal(unpack(fired, n), torch.where(expected >= threshold, 1.0, -1.0))
+
+
+# ---------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1,), (3, 1), (2, 64), (5, 65), (2, 3, 130), (7, 4096)])
+def test_pack_round_trip(cpu_path, shape):
+    x = torch.randn(shape)
+    x.view(-1)[::5] = 0.0
+    x.view(-1)[1::7] = -0.0
+    words = bo.pack(x)
+    assert words.dtype == torch.int64 and words.shape == (*shape[:-1], bo.words(shape[-1]))
+    assert torch.equal(unpack(words, shape[-1]), torch.where(x >= 0, 1.0, -1.0))
+    assert torch.equal(words, bo.pack_torch(x.reshape(-1, shape[-1])).view(words.shape))
+
+
+def test_pack_bit_order():
+    x = -torch.ones(1, 130)
+    x[0, [0, 63, 64, 129]] = 1.0
+    words = bo.pack(x)[0].tolist()
+    assert words == [1 | -(1 << 63), 1, 2]
+
+
+def test_pack_accepts_other_float_dtypes():
+    x = torch.randn(4, 70, dtype=torch.float64)
+    assert torch.equal(bo.pack(x), bo.pack(x.half()))
+
+
+# ---------------------------------------------------------------------------
+# Errors: one line, the right type
+# ---------------------------------------------------------------------------
+
+ERRORS = [
+    (lambda: bo.pack([1.0, 2.0]), TypeError, "torch.Tensor"),
+    (lambda: bo.pack(torch.ones(3, dtype=torch.int32)), TypeError, "floating-point"),
+    (lambda: bo.pack(torch.ones(3, 0)), ValueError, "non-empty"),
+    (lambda: bo.xnor_matmul(torch.ones(3), torch.ones(3, 2)), ValueError, "2-D"),
+    (lambda: bo.xnor_matmul(torch.ones(2, 3), torch.ones(4, 2)), ValueError, "inner dimensions"),
+    (lambda: bo.xnor_matmul(torch.ones(2, 3), torch.ones(3, 2, device="meta")), ValueError, "devices"),
+    (lambda: bo.xnor_matmul(torch.ones(2, 3), torch.ones(3, 2, dtype=torch.int64)), TypeError, "b must"),
+    (lambda: bo.xnor_matmul(torch.ones(2, 3), torch.ones(3, 2), kernel="fast"), ValueError, "kernel"),
+    (lambda: bo.xnor_matmul_packed(torch.ones(2, 1, dtype=torch.int64),
+                                   torch.ones(2, 2, dtype=torch.int64), 64), ValueError, "words per row"),
+    (lambda: bo.xnor_matmul_packed(torch.ones(2, 1, dtype=torch.int32),
+                                   torch.ones(2, 1, dtype=torch.int64), 64), TypeError, "int64"),
+    (lambda: bo.xnor_matmul_packed(torch.ones(2, 1, dtype=torch.int64),
+                                   torch.ones(2, 1, dtype=torch.int64), 0), ValueError, "positive"),
+    (lambda: bo.bit_planes(torch.ones(2, 3)), TypeError, "uint8"),
+]
+
+
+@pytest.mark.parametrize("call,error,words", ERRORS)
+def test_error_messages(call, error, words):
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    assert words in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------------
+# Threshold folding: batch norm + sign as one integer comparison
+# ---------------------------------------------------------------------------
+
+def make_layer(n_out, n_in, seed, trained_like=False):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    weight = torch.rand(n_out, n_in, generator=gen) * 2 - 1
+    if trained_like:    # batch statistics of +-1 inputs: mean ~ 0, var ~ fan-in
+        bias, mean = 0.01 * r(n_out), n_in ** 0.5 * r(n_out)
+        var = n_in * (0.5 + torch.rand(n_out, generator=gen))
+        gamma, beta = 1 + 0.3 * r(n_out), 0.3 * r(n_out)
+    else:
+        bias, mean = r(n_out), 10 * r(n_out)
+        var = torch.rand(n_out, generator=gen) * 100
+        gamma, beta = r(n_out), r(n_out)
+    gamma[:4] = torch.tensor([0.0, 0.0, -0.0, -1.5])
+    beta[:4] = torch.tensor([0.0, -0.25, -1.0, 0.0])
+    # exact ties: BN output is exactly 0 at an integer accumulator
+    mean[4:8], bias[4:8], beta[4:8], gamma[4:6] = torch.tensor([3.0, -5.0, 0.0, 2.0]), 0.0, 0.0, 1.0
+    gamma[6:8] = -2.0
+    gamma[8], var[8], beta[8] = 1e-30, 1e6, -1e-37   # extremes of float32
+    return bo.Layer(weight, bias, bo.BatchNorm(gamma, beta, mean, var))
+
+
+@pytest.mark.parametrize("trained_like", [False, True])
+@pytest.mark.parametrize("k", [1, 64, 4096])
+def test_fold_threshold_every_accumulator(k, trained_like):
+    """For every possible accumulator d in [-K, K] the folded test
+    direction * d >= t is the float path's sign(BN(d + bias))."""
+    layer = make_layer(40, k, seed=k, trained_like=trained_like)
+    direction, t = bo.fold_threshold(layer, lambda d: d.float(), k)
+    d = torch.arange(-k, k + 1)[:, None]
+    expected = layer.bn(d.float() + layer.bias) >= 0
+    assert torch.equal(direction * d >= t, expected)
+
+
+def test_fold_threshold_cases():
+    layer = make_layer(10, 16, seed=0)
+    direction, t = bo.fold_threshold(layer, lambda d: d.float(), 16)
+    assert t[0] == -16 and t[1] == 17             # gamma = 0: always +1 (beta = 0), never
+    assert t[4] == 3 and direction[4] == 1        # tie at d = 3 decides +1
+    assert direction[6] == -1 and t[6] == 0       # gamma < 0: +1 for d <= 0
+
+
+@pytest.mark.parametrize("trained_like", [False, True])
+def test_hidden_layer_matches_float_path(trained_like):
+    layers = [make_layer(96, 784, 1), make_layer(200, 96, 2, trained_like), make_layer(10, 200, 3)]
+    xnor_net, float_net = bo.XnorMLP(layers), bo.FloatMLP(layers)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.where(torch.rand(300, 96, generator=gen) < 0.5, 1.0, -1.0)
+    expected = bo.binarize(float_net.hidden(1, x))
+    assert torch.equal(unpack(xnor_net.hidden[0].fire(bo.pack(x)), 200), expected)
+
+
+def test_first_layer_bit_planes_match_float_path():
+    layers = [make_layer(130, 784, 5, trained_like=True), make_layer(10, 130, 6)]
+    xnor_net, float_net = bo.XnorMLP(layers), bo.FloatMLP(layers)
+    gen = torch.Generator().manual_seed(7)
+    pixels = torch.randint(0, 256, (500, 784), dtype=torch.uint8, generator=gen)
+    pixels[:, ::3] = 0
+    d = xnor_net.first.accumulate(bo.bit_planes(pixels))
+    w = bo.binarize(layers[0].weight) * torch.where(layers[0].bn.gamma >= 0, 1.0, -1.0)[:, None]
+    assert torch.equal(d.long(), (2 * pixels.long() - 255) @ w.long().T)   # 255 (x . w), exact
+    expected = bo.binarize(float_net.hidden(0, bo.centered_pixels(pixels)))
+    assert torch.equal(unpack(xnor_net.first.fire(bo.bit_planes(pixels)), 130), expected)
+
+
+def test_network_predictions_match_on_random_pixels(cpu_path):
+    layers = [make_layer(70, 784, 8, True), make_layer(70, 70, 9, True),
+              make_layer(70, 70, 10, True), make_layer(10, 70, 11, True)]
+    pixels = torch.randint(0, 256, (64, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    xnor_scores, float_scores = bo.XnorMLP(layers)(pixels), bo.FloatMLP(layers)(pixels)
+    assert torch.equal(xnor_scores, float_scores)
+
+
+# ---------------------------------------------------------------------------
+# --infer end to end, and the command line's errors
+# ---------------------------------------------------------------------------
+
+def save_network(path, hidden, pixels, seed=0):
+    """A random network with batch-norm statistics taken from real images
+    (so activations are balanced, as in a trained network)."""
+    rng = np.random.default_rng(seed)
+    arrays, n_in, x = {}, 784, scale_pixels(pixels)
+    for i, n_out in enumerate([hidden, hidden, hidden, 10], 1):
+        weight = rng.uniform(-1, 1, (n_out, n_in)).astype(np.float32)
+        bias = rng.normal(0, 0.1, n_out).astype(np.float32)
+        pre = x @ bo.binarize(torch.as_tensor(weight)).T + torch.as_tensor(bias)
+        gamma = rng.normal(1, 0.5, n_out).astype(np.float32)
+        gamma[:2] = [0.0, -1.0]
+        beta = rng.normal(0, 0.3, n_out).astype(np.float32)
+        arrays.update({f"dense{i}.weight": weight, f"dense{i}.bias": bias,
+                       f"bn{i}.weight": gamma, f"bn{i}.bias": beta,
+                       f"bn{i}.running_mean": pre.mean(0).numpy(), f"bn{i}.running_var": pre.var(0).numpy()})
+        bn = bo.BatchNorm(*(torch.as_tensor(arrays[f"bn{i}.{p}"]) for p in bo.BN_KEYS))
+        x, n_in = bo.binarize(bn(pre)), n_out
+    np.savez(path, **arrays)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    datasets = importlib.import_module("datasets")
+    X, y = datasets.load_mnist(REAL_MNIST, download=False)["test"]
+    return torch.as_tensor(X).reshape(len(X), -1), torch.as_tensor(y)
+
+
+@needs_mnist
+def test_infer_end_to_end(tmp_path, mnist_test, capsys):
+    npz, out = tmp_path / "net.npz", tmp_path / "infer.json"
+    save_network(npz, 256, mnist_test[0][:1000])
+    assert bo.main(["--infer", str(npz), "--data-dir", str(REAL_MNIST), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"float_err", "xnor_err", "identical", "float_ms", "xnor_ms",
+            "bytes_32bit", "bytes_1bit"} <= set(result)
+    assert result["identical"] is True and result["float_err"] == result["xnor_err"]
+    assert result["bytes_1bit"] < result["bytes_32bit"] / 20
+    assert "predictions identical: yes" in capsys.readouterr().out
+
+
+@needs_mnist
+def test_float_path_agrees_with_mnist_build_model(tmp_path, mnist_test):
+    """The lead's model (mnist.build_model) in eval mode predicts as FloatMLP.
+    It adds the bias inside F.linear and may compute batch norm as a fused
+    scale and shift, so scores differ by rounding; predictions must agree."""
+    mnist = pytest.importorskip("mnist")
+    if not hasattr(mnist, "build_model"):
+        pytest.skip("mnist.build_model not written yet")
+    arrays = save_network(tmp_path / "net.npz", 256, mnist_test[0][:1000])
+    model = mnist.build_model(256)
+    missing, unexpected = model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()},
+                                                strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+    model.eval()
+    pixels = mnist_test[0][:2000]
+    with torch.no_grad():
+        theirs = model(scale_pixels(pixels).view(-1, 1, 28, 28)).argmax(1)
+    ours = bo.FloatMLP(bo.load_parameters(tmp_path / "net.npz"))(pixels).argmax(1)
+    assert (theirs != ours).sum() <= 2
+
+
+def bad_npz_files(tmp_path):
+    good = {f"dense{i}.weight": np.zeros((4, 784 if i == 1 else 4), np.float32) for i in range(1, 5)}
+    good |= {f"dense{i}.bias": np.zeros(4, np.float32) for i in range(1, 5)}
+    good |= {f"bn{i}.{p}": np.ones(4, np.float32) for i in range(1, 5) for p in bo.BN_KEYS}
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip file")
+    np.savez(tmp_path / "keys.npz", **{k: v for k, v in good.items() if k != "bn3.running_var"})
+    np.savez(tmp_path / "shape.npz", **(good | {"dense2.weight": np.zeros((4, 5), np.float32)}))
+    np.savez(tmp_path / "vector.npz", **(good | {"bn1.bias": np.zeros(5, np.float32)}))
+    return {"missing": tmp_path / "missing.npz", "corrupt": tmp_path / "corrupt.npz",
+            "keys": tmp_path / "keys.npz", "shape": tmp_path / "shape.npz",
+            "vector": tmp_path / "vector.npz"}
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "keys", "shape", "vector"])
+def test_infer_bad_parameters(tmp_path, capsys, case):
+    path = bad_npz_files(tmp_path)[case]
+    assert bo.main(["--infer", str(path), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binary_ops: error:") and err.count("\n") == 1
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "binary_ops.py"), "--infer",
+                             str(tmp_path / "nope.npz"), "--data-dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@needs_mnist
+def test_infer_missing_data_dir(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    npz = tmp_path / "net.npz"
+    save_network(npz, 16, torch.zeros(10, 784, dtype=torch.uint8))
+    assert bo.main(["--infer", str(npz), "--data-dir", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------
+# The build cache and the custom ops' registration
+# ---------------------------------------------------------------------------
+
+@needs_c
+def test_build_cache_rebuilds_on_source_change(tmp_path, monkeypatch):
+    source = tmp_path / "xnor_cpu.c"
+    source.write_text(cpu_kernels.SOURCE.read_text())
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    monkeypatch.setenv("BINARYNET_CACHE", str(tmp_path / "cache"))
+    first = cpu_kernels.build("gcc")
+    assert cpu_kernels.build("gcc") == first and first.exists()
+    source.write_text(source.read_text() + "\n/* edited */\n")
+    second = cpu_kernels.build("gcc")
+    assert second != first and second.exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])
+
+
+@needs_c
+def test_bench_rows(capsys):
+    rows = bo.bench_shape("cpu", 33, 200, 70)
+    assert [r["kernel"] for r in rows] == ["baseline", "blas", "xnor"]
+    for r in rows:
+        assert {"device", "M", "K", "N", "kernel", "ms", "gops"} <= set(r) and r["ms"] > 0
+    bo.print_bench_table(rows)
+    assert "timed on 8 of 33 rows" in capsys.readouterr().out
+
+
+def test_custom_ops_registered():
+    a, b = random_operands(5, 70, 3, seed=2)
+    a_words, b_words = bo.pack(a), bo.pack(b.T)
+    torch.library.opcheck(bo._pack_op, (a.contiguous(),))
+    torch.library.opcheck(bo._xnor_gemm_op, (a_words, b_words, 70, 1))
+    out = torch.ops.binarynet.xnor_gemm(a_words, b_words, 70, 1)
+    assert torch.equal(out.float(), reference_matmul(a, b))
+
+
+# ---------------------------------------------------------------------------
+# CUDA: compile-only everywhere nvcc exists; run where a GPU exists
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", sorted((ROOT / "kernels").glob("*.cu")), ids=lambda p: p.name)
+def test_cuda_source_compiles(tmp_path, source):
+    subprocess.run(["nvcc", "-c", "-arch=sm_80", str(source), "-o", str(tmp_path / "k.o")],
+                   check=True, capture_output=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("m,k,n", SHAPES + [(130, 1000, 70), (64, 64, 64)])
+@pytest.mark.parametrize("kernel", ["xnor", "baseline"])
+def test_cuda_matmul_exact(m, k, n, kernel):
+    a, b = random_operands(m, k, n, seed=m + k + n, device="cuda")
+    out = bo.xnor_matmul(a, b, kernel=kernel)
+    assert out.is_cuda and torch.equal(out.cpu(), reference_matmul(a, b))
+
+
+@needs_cuda
+def test_cuda_network_matches_cpu():
+    layers = [make_layer(100, 784, 8, True), make_layer(100, 100, 9, True),
+              make_layer(100, 100, 10, True), make_layer(10, 100, 11, True)]
+    pixels = torch.randint(0, 256, (300, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    cpu_scores = bo.XnorMLP(layers)(pixels)
+    cuda_net = bo.XnorMLP([layer.to("cuda") for layer in layers])
+    assert torch.equal(cuda_net(pixels.cuda()).cpu(), cpu_scores)
+    assert torch.equal(bo.bit_planes(pixels.cuda()).cpu(), bo.bit_planes(pixels))
