@@ -88,6 +88,7 @@ SHAPES = [
     (3, 63, 5), (4, 64, 4), (5, 65, 7),     # around one word
     (33, 200, 130),     # M, N past the block sizes (MB = 32, NB = 128)
     (7, 4096, 9),       # the paper's width
+    (9, 2240 - 5, 17),  # 35 words: the AVX2 Harley-Seal kernel with 3 steps left over
     (5, 8192 + 130, 6),  # more than one K slice (KC = 128 words)
     (0, 10, 3), (3, 10, 0),
 ]
@@ -181,6 +182,15 @@ def test_each_micro_kernel_variant(tmp_path, variant):
     fired = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8, threshold)
     assert torch.equal(fired, bo.fire_torch(d, threshold))
 
+    # the paths without work buffers (interleaved B, byte-sliced planes)
+    lib.bnn_use_work_buffers(0)
+    try:
+        out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1)
+        assert torch.equal(out.float(), reference_matmul(a, b))
+        assert torch.equal(cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8), d)
+    finally:
+        lib.bnn_use_work_buffers(1)
+
 
 @needs_c
 @pytest.mark.parametrize("flags", [["-march=native", "-Wall", "-Wextra", "-Werror"],
@@ -218,6 +228,53 @@ def test_bit_planes_and_fire(cpu_path, m, k, n):
     fired = bo._xnor_fire_op(planes, bo.pack(w), k, 8, threshold)
     assert fired.shape == (m, bo.words(n))
     assert torch.equal(unpack(fired, n), torch.where(expected >= threshold, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 2560 + 300, 13), (2, 8192 + 700, 11)])
+def test_bit_planes_long_rows(cpu_path, m, k, n):
+    """The plane kernels past their byte-counter chunk (10 words for the AVX2
+    plane tile kernel) and past one K slice (128 words), with units left
+    over after the 8-wide tiles for the single-row kernel."""
+    gen = torch.Generator().manual_seed(k)
+    pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+    pixels[0] = 255                                   # all planes set: largest counts
+    w = torch.where(torch.rand(n, k, generator=gen) < 0.5, 1.0, -1.0)
+    w[0] = -1.0
+    d = bo._xnor_gemm_op(bo.bit_planes(pixels), bo.pack(w), k, 8)
+    assert torch.equal(d.long(), (2 * pixels.long() - 255) @ w.long().T)
+
+
+@needs_c
+def test_threads_pool_concurrent_calls_and_large_output():
+    """The C thread pool serves calls made at once from several Python threads
+    (ctypes drops the GIL), and a result of several MiB (advised onto huge
+    pages) is exact."""
+    import threading
+    a, b = random_operands(1100, 70, 1030, seed=8)     # 4.5 MB int32 result
+    expected = reference_matmul(a, b)
+    results = [None] * 6
+
+    def run(i):
+        results[i] = bo.xnor_matmul(a, b)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, expected) for r in results)
+
+
+@needs_c
+def test_threads_pool_in_forked_child():
+    """A child forked after the pool started gets a pool of its own."""
+    import multiprocessing
+    a, b = random_operands(40, 300, 200, seed=9)
+    assert torch.equal(bo.xnor_matmul(a, b), reference_matmul(a, b))   # pool running
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as child:
+        out = child.apply(bo.xnor_matmul, (a, b))
+    assert torch.equal(out, reference_matmul(a, b))
 
 
 # ---------------------------------------------------------------------------
