@@ -651,7 +651,8 @@ def run_bench(json_path) -> int:
 # ---------------------------------------------------------------------------
 
 def error_rate(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    return (scores.argmax(1).cpu() != labels).float().mean().item()
+    """Test error in percent, as mnist.py reports it."""
+    return 100.0 * (scores.argmax(1).cpu() != labels).float().mean().item()
 
 
 WARM_UP = 100   # images run once before timing
@@ -680,8 +681,8 @@ def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, devic
 def print_infer(result: dict, device: str, n_images: int, hidden: int) -> None:
     print(f"MNIST test set: {n_images} images, {hidden} hidden units, {device}"
           + (f", {torch.get_num_threads()} threads" if device == "cpu" else ""))
-    print(f"  float32 forward: test error {100 * result['float_err']:.2f}%, {result['float_ms']:.1f} ms")
-    print(f"  1-bit XNOR:      test error {100 * result['xnor_err']:.2f}%, {result['xnor_ms']:.1f} ms "
+    print(f"  float32 forward: test error {result['float_err']:.2f}%, {result['float_ms']:.1f} ms")
+    print(f"  1-bit XNOR:      test error {result['xnor_err']:.2f}%, {result['xnor_ms']:.1f} ms "
           f"({result['float_ms'] / result['xnor_ms']:.1f}x faster)")
     if "baseline_ms" in result:
         print(f"  baseline kernel: {result['baseline_ms']:.1f} ms "
