@@ -36,9 +36,6 @@ import torch.nn.functional as F
 # Binarization (paper Section 1.1-1.3)
 
 
-_ONE = torch.tensor(1.0)
-
-
 def hard_sigmoid(x):
     """hard_sigmoid(x) = clip((x + 1) / 2, 0, 1), the paper's Eq. 3."""
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -49,7 +46,7 @@ def sign(x, out=None):
     whole project. Computed as 1 - 2 * [x < 0] in two vectorized passes over one buffer:
     torch.where takes several times longer on the 16M-element weight matrices."""
     out = torch.lt(x, 0, out=torch.empty_like(x) if out is None else out)
-    return torch.sub(_ONE.to(x.device, x.dtype), out, alpha=2, out=out)
+    return torch.sub(out.new_ones(()), out, alpha=2, out=out)
 
 
 class _BinaryTanh(torch.autograd.Function):
@@ -137,8 +134,8 @@ class _BinaryWeights:
     def binary_weight(self):
         # Wb is written into one buffer per layer, reused every step: a new 64 MB tensor
         # per step costs more in page faults than computing it. Autograd's version
-        # counter still guards it: a second forward before the first one's backward
-        # raises an error instead of silently using the newer Wb.
+        # counter still guards it: a backward through a graph whose Wb has since been
+        # overwritten by another forward raises an error instead of using the newer Wb.
         W = self.weight
         if getattr(self, "_Wb", None) is None or self._Wb.shape != W.shape or self._Wb.device != W.device \
                 or self._Wb.dtype != W.dtype:
