@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import binary_net
 from kernels import cpu as cpu_kernels
 from kernels import cuda as cuda_kernels
 
 WORD_BITS = 64
-BN_EPS = 1e-4           # the reference's batch-norm epsilon
+BN_EPS = binary_net.BN_EPSILON   # the reference's batch-norm epsilon
 PIXEL_BITS = 8          # MNIST pixels are 8-bit fixed point
 
 
@@ -46,8 +47,9 @@ def words(k: int) -> int:
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
-    """Deterministic binarization with H = 1: sign(x), with sign(0) = +1."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    """Deterministic binarization with H = 1: the training code's own sign(x), with
+    sign(0) = +1, so that both halves of the project share one convention."""
+    return binary_net.sign(x)
 
 
 # ---------------------------------------------------------------------------
