@@ -550,9 +550,11 @@ def model_summary(model):
 
 def parse_args(recipe, argv=None):
     """The flags of every benchmark script; defaults are the paper's recipe."""
-    p = argparse.ArgumentParser(description=recipe["description"])
-    p.add_argument("--epochs", type=int, default=recipe["num_epochs"])
-    p.add_argument("--batch-size", type=int, default=recipe["batch_size"])
+    p = argparse.ArgumentParser(description=recipe["description"],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=recipe["num_epochs"],
+                   help="epochs to run; the LR decays from LR_start to LR_fin over them")
+    p.add_argument("--batch-size", type=int, default=recipe["batch_size"], help="examples per step")
     p.add_argument("--hidden-units", type=int, default=recipe["num_units"],
                    help="width of the fully connected hidden layers")
     p.add_argument("--data-dir", default=None, help="where the data files are (default: a per-user cache, "
@@ -560,14 +562,15 @@ def parse_args(recipe, argv=None):
     p.add_argument("--save-path", default=recipe["save_path"], help="best-validation parameters (.npz)")
     p.add_argument("--metrics", default=None, help="per-epoch metrics as JSON lines (and a PNG plot beside)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --save-path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--seed", type=int, default=0, help="seeds initialization, shuffling and dropout")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: CUDA when present")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each split")
     p.add_argument("--bn", choices=["standard", "shift"], default="standard",
                    help="batch normalization: standard, or the paper's shift-based one")
-    p.add_argument("--optimizer", choices=["adam", "shift-adamax"], default="adam")
+    p.add_argument("--optimizer", choices=["adam", "shift-adamax"], default="adam",
+                   help="Adam, or the paper's shift-based AdaMax")
     p.add_argument("--stochastic", action="store_true", help="stochastic weight binarization")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--bench-step", type=int, default=0, metavar="N",
                    help="time N training steps of the BNN and of its float twin on random pixels, then exit")
     args = p.parse_args(argv)
