@@ -45,3 +45,31 @@ def test_convnet_scripts_share_the_flags_of_mnist():
     args = bn.parse_args(svhn.recipe, ["--epochs", "3"])
     assert (args.epochs, args.batch_size) == (3, 50)
     assert svhn.recipe["LR_fin"] == 1e-6 and cifar10.recipe["LR_fin"] == 3e-7
+
+
+@pytest.mark.parametrize("script", ["cifar10.py", "svhn.py"])
+def test_convnet_script_runs_end_to_end_on_files_in_the_real_format(tmp_path, script):
+    """The whole command line on small files written as the data sets publish them."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import ROOT
+    from test_datasets import cifar_members, write_cifar_tar, write_svhn
+
+    data = tmp_path / "data"
+    if script == "cifar10.py":
+        write_cifar_tar(data / "cifar-10-python.tar.gz", cifar_members(per_batch=1100, n_test=30))
+    else:
+        write_svhn(data)
+    metrics, params = tmp_path / "m.jsonl", tmp_path / "p.npz"
+    r = subprocess.run([sys.executable, str(ROOT / script), "--epochs", "1", "--limit", "20", "--batch-size",
+                        "10", "--data-dir", str(data), "--metrics", str(metrics), "--save-path", str(params),
+                        "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "warning:" in r.stderr  # the files' checksums differ from the published ones
+    assert "splits: train 20, valid 20, test 20" in r.stdout and "test error rate:" in r.stdout
+    assert len(metrics.read_text().splitlines()) == 1 and metrics.with_suffix(".png").exists()
+    with np.load(params) as f:
+        assert f["conv1.weight"].shape[1:] == (3, 3, 3) and f["dense3.weight"].shape == (10, 1024)
+    assert params.with_suffix(".ckpt").exists()

@@ -67,3 +67,9 @@ def test_resume_from_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path,
     (tmp_path / "p.ckpt").write_bytes(b"not a checkpoint")
     r = run_script(*common, "--hidden-units", 16, "--resume")
     assert r.returncode == 1 and "cannot resume from" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_step_times_the_bnn_against_its_float_twin():
+    r = run_script("--bench-step", 2, "--hidden-units", 32)
+    assert r.returncode == 0, r.stderr
+    assert "training step, batch 100, 2 steps each" in r.stdout and "ratio" in r.stdout
