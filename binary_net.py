@@ -125,6 +125,7 @@ class _BinaryWeights:
 
     def _setup_binary(self, binary, stochastic, H, W_LR_scale, fan_in, fan_out):
         self.binary, self.stochastic, self.H = binary, stochastic, H
+        self._Wb = None  # the Wb buffer, made at the first binary forward
         self.W_LR_scale = glorot_scale(fan_in, fan_out) if W_LR_scale == "Glorot" else W_LR_scale
         if binary:
             with torch.no_grad():
@@ -137,9 +138,9 @@ class _BinaryWeights:
         # counter still guards it: a backward through a graph whose Wb has since been
         # overwritten by another forward raises an error instead of using the newer Wb.
         W = self.weight
-        if getattr(self, "_Wb", None) is None or self._Wb.shape != W.shape or self._Wb.device != W.device \
-                or self._Wb.dtype != W.dtype:
-            self._Wb = torch.empty_like(W, requires_grad=False)
+        kind = (W.shape, W.device, W.dtype)
+        if self.binary and (self._Wb is None or (self._Wb.shape, self._Wb.device, self._Wb.dtype) != kind):
+            self._Wb = torch.empty_like(W)
         return binarization(W, self.H, self.binary, deterministic=not self.training,
                             stochastic=self.stochastic, out=self._Wb)
 

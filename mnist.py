@@ -6,6 +6,7 @@
 dropout 0.2 -> 3 x [binary dense 4096 -> BN -> binary_tanh_unit -> dropout 0.5]
 -> binary dense 10 -> BN, trained with the squared hinge loss.
 """
+import math
 from collections import OrderedDict
 
 import binary_net  # first: it configures torch's allocator before torch is imported
@@ -38,7 +39,7 @@ def build_model(num_units=recipe["num_units"], n_hidden_layers=recipe["n_hidden_
     r = recipe
     dense = dict(binary=binary, stochastic=stochastic, H=r["H"], W_LR_scale=r["W_LR_scale"])
     layers = [("dropout_in", nn.Dropout(r["dropout_in"]))]
-    n_in = 28 * 28
+    n_in = math.prod(r["input_shape"])
     for i in range(1, n_hidden_layers + 1):
         layers += [(f"dense{i}", binary_net.DenseLayer(n_in, num_units, **dense)),
                    (f"bn{i}", binary_net.BatchNorm(num_units, dim=1, kind=bn)),
