@@ -119,93 +119,99 @@ def fire_torch(d: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 # below check and reshape the user's input.  `planes` > 1 combines groups of
 # rows of `a` as bit planes (the first layer); `threshold` turns the dot
 # products into the next layer's packed input (the hidden layers).
+#
+# They are defined with torch.library's low-level API (define, impl,
+# register_fake) rather than torch.library.custom_op, whose Python wrappers
+# (autograd, default filling, aliasing checks) cost 60-90 us a call against
+# ~6 us here: a tenth of a 100-row XNOR product.  None of them has a
+# gradient; their outputs are integer tensors.
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("binarynet::pack", mutates_args=())
-def _pack_op(x: torch.Tensor) -> torch.Tensor:
+_LIB = torch.library.Library("binarynet", "DEF")
+
+
+def _op(schema: str, cpu, cuda, fake):
+    """Define binarynet::<schema> with its CPU, CUDA and fake (shape-only)
+    implementations; returns the op."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, cpu, "CPU")
+    _LIB.impl(name, cuda, "CUDA")
+    torch.library.register_fake(f"binarynet::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.binarynet, name).default
+
+
+def _pack_cpu(x):
     lib = cpu_kernels.library()
     return pack_torch(x) if lib is None else cpu_kernels.pack(lib, x)
 
 
-@_pack_op.register_kernel("cuda")
-def _(x):
-    return pack_torch(x)
+_pack_op = _op("pack(Tensor x) -> Tensor", _pack_cpu, pack_torch,
+               lambda x: x.new_empty(x.shape[0], words(x.shape[1]), dtype=torch.int64))
 
 
-@_pack_op.register_fake
-def _(x):
-    return x.new_empty(x.shape[0], words(x.shape[1]), dtype=torch.int64)
-
-
-@torch.library.custom_op("binarynet::pack_planes", mutates_args=())
-def _pack_planes_op(pixels: torch.Tensor) -> torch.Tensor:
+def _pack_planes_cpu(pixels):
     lib = cpu_kernels.library()
     return pack_planes_torch(pixels) if lib is None else cpu_kernels.pack_planes(lib, pixels)
 
 
-@_pack_planes_op.register_kernel("cuda")
-def _(pixels):
-    return pack_planes_torch(pixels)
+_pack_planes_op = _op(
+    "pack_planes(Tensor pixels) -> Tensor", _pack_planes_cpu, pack_planes_torch,
+    lambda pixels: pixels.new_empty(PIXEL_BITS * pixels.shape[0], words(pixels.shape[1]),
+                                    dtype=torch.int64))
 
 
-@_pack_planes_op.register_fake
-def _(pixels):
-    return pixels.new_empty(PIXEL_BITS * pixels.shape[0], words(pixels.shape[1]), dtype=torch.int64)
-
-
-@torch.library.custom_op("binarynet::xnor_gemm", mutates_args=())
-def _xnor_gemm_op(a: torch.Tensor, b: torch.Tensor, k: int, planes: int) -> torch.Tensor:
+def _xnor_gemm_cpu(a, b, k, planes):
     lib = cpu_kernels.library()
     if lib is None:
         return combine_planes(xnor_gemm_torch(a, b, k), planes)
     return cpu_kernels.xnor_gemm(lib, a, b, k, planes)
 
 
-@_xnor_gemm_op.register_kernel("cuda")
-def _(a, b, k, planes):
-    return combine_planes(cuda_kernels.xnor_gemm(a, b, k), planes)
+_xnor_gemm_op = _op(
+    "xnor_gemm(Tensor a, Tensor b, int k, int planes) -> Tensor", _xnor_gemm_cpu,
+    lambda a, b, k, planes: combine_planes(cuda_kernels.xnor_gemm(a, b, k), planes),
+    lambda a, b, k, planes: a.new_empty(a.shape[0] // planes, b.shape[0], dtype=torch.int32))
 
 
-@_xnor_gemm_op.register_fake
-def _(a, b, k, planes):
-    return a.new_empty(a.shape[0] // planes, b.shape[0], dtype=torch.int32)
+def _xnor_gemm_out_cpu(a, b, k, out):
+    lib = cpu_kernels.library()
+    if lib is None:
+        out.copy_(xnor_gemm_torch(a, b, k))
+    else:
+        cpu_kernels.xnor_gemm(lib, a, b, k, 1, out=out)
 
 
-@torch.library.custom_op("binarynet::xnor_fire", mutates_args=())
-def _xnor_fire_op(a: torch.Tensor, b: torch.Tensor, k: int, planes: int,
-                  threshold: torch.Tensor) -> torch.Tensor:
+_xnor_gemm_out_op = _op(
+    "xnor_gemm_out(Tensor a, Tensor b, int k, Tensor(a!) out) -> ()", _xnor_gemm_out_cpu,
+    lambda a, b, k, out: cuda_kernels.xnor_gemm(a, b, k, out=out) and None,
+    lambda a, b, k, out: None)
+
+
+def _xnor_fire_cpu(a, b, k, planes, threshold):
     lib = cpu_kernels.library()
     if lib is None:
         return fire_torch(_xnor_gemm_op(a, b, k, planes), threshold)
     return cpu_kernels.xnor_gemm(lib, a, b, k, planes, threshold)
 
 
-@_xnor_fire_op.register_kernel("cuda")
-def _(a, b, k, planes, threshold):
-    return fire_torch(_xnor_gemm_op(a, b, k, planes), threshold)
+_xnor_fire_op = _op(
+    "xnor_fire(Tensor a, Tensor b, int k, int planes, Tensor threshold) -> Tensor", _xnor_fire_cpu,
+    lambda a, b, k, planes, threshold: fire_torch(_xnor_gemm_op(a, b, k, planes), threshold),
+    lambda a, b, k, planes, threshold: a.new_empty(a.shape[0] // planes, words(b.shape[0]),
+                                                   dtype=torch.int64))
 
 
-@_xnor_fire_op.register_fake
-def _(a, b, k, planes, threshold):
-    return a.new_empty(a.shape[0] // planes, words(b.shape[0]), dtype=torch.int64)
-
-
-@torch.library.custom_op("binarynet::baseline_gemm", mutates_args=())
-def _baseline_gemm_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _baseline_gemm_cpu(a, b):
     lib = cpu_kernels.library()
     if lib is None:
         raise RuntimeError("the baseline kernel is C code and no C compiler was found")
     return cpu_kernels.baseline_gemm(lib, a, b)
 
 
-@_baseline_gemm_op.register_kernel("cuda")
-def _(a, b):
-    return cuda_kernels.baseline_gemm(a, b)
-
-
-@_baseline_gemm_op.register_fake
-def _(a, b):
-    return a.new_empty(a.shape[0], b.shape[1])
+_baseline_gemm_op = _op("baseline_gemm(Tensor a, Tensor b) -> Tensor", _baseline_gemm_cpu,
+                        cuda_kernels.baseline_gemm,
+                        lambda a, b: a.new_empty(a.shape[0], b.shape[1]))
 
 
 # ---------------------------------------------------------------------------
@@ -244,10 +250,13 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     return _pack_op(flat).view(*x.shape[:-1], words(k))
 
 
-def xnor_matmul_packed(a_words: torch.Tensor, b_words: torch.Tensor, k: int) -> torch.Tensor:
+def xnor_matmul_packed(a_words: torch.Tensor, b_words: torch.Tensor, k: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """The XNOR-popcount GEMM on packed operands: the M x N int32 matrix of
     dot products sign(a) @ sign(b), given a_words = pack(a) (M x KW) and
-    b_words = pack(b.T) (N x KW).  Pack once, multiply many times."""
+    b_words = pack(b.T) (N x KW).  Pack once, multiply many times; with
+    `out` (a contiguous M x N int32 tensor), the result is written there,
+    and repeated products pay no allocation."""
     _check_matrix("a_words", a_words, (torch.int64,), "packed int64")
     _check_matrix("b_words", b_words, (torch.int64,), "packed int64")
     _check_same_device(a_words, b_words)
@@ -256,7 +265,16 @@ def xnor_matmul_packed(a_words: torch.Tensor, b_words: torch.Tensor, k: int) -> 
     for name, w in (("a_words", a_words), ("b_words", b_words)):
         if w.shape[1] != words(k):
             raise ValueError(f"{name} has {w.shape[1]} words per row, but K={k} packs into {words(k)}")
-    return _xnor_gemm_op(a_words.contiguous(), b_words.contiguous(), k, 1)
+    if out is None:
+        return _xnor_gemm_op(a_words.contiguous(), b_words.contiguous(), k, 1)
+    _check_tensor("out", out, (torch.int32,), "32-bit integer")
+    _check_same_device(a_words, out)
+    shape = (a_words.shape[0], b_words.shape[0])
+    if tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous int32 tensor of shape {shape}, "
+                         f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", not contiguous"))
+    _xnor_gemm_out_op(a_words.contiguous(), b_words.contiguous(), k, out)
+    return out
 
 
 def _check_operands(a, b):
@@ -535,17 +553,29 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device: str, repeats: int) -> float:
-    """Median wall time of fn() in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+WARM_UP_MS = 300   # untimed calls at the start of each timed block
+
+
+def time_ms(fns: dict, device: str, repeats, rounds: int = 1, warm_up: bool = True) -> dict:
+    """Median wall time in milliseconds of each of fns (name -> function).
+
+    Each round times each function in turn, in a block of `repeats` calls
+    (an int, or a dict: name -> int).
+    Rounds spread a burst of other work on a shared machine over all the
+    functions, so that the ratios of the medians stay fair.  Each block
+    starts with untimed calls (at least one, WARM_UP_MS in all): the worker
+    threads of the previous block's runtime (OpenMP's behind torch.mm, the
+    C kernels' pool) keep spinning for a while after their last job, and
+    calls timed while they do were measured up to 6x slower."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            spent = 0.0
+            while warm_up and (spent == 0.0 or spent < WARM_UP_MS):
+                spent += timed(fn, device)[1]
+            calls = repeats[name] if isinstance(repeats, dict) else repeats
+            times[name] += [timed(fn, device)[1] for _ in range(calls)]
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def timed(fn, device: str):
@@ -564,12 +594,15 @@ def timed(fn, device: str):
 CPU_SHAPES = [(100, 784, 4096), (100, 4096, 4096), (10000, 4096, 4096), (4096, 4096, 4096)]
 CUDA_SHAPES = [(8192, 8192, 8192)]
 BASELINE_ROWS = {"cpu": 8, "cuda": 8192}   # rows of A the baseline is timed on
-BENCH_SECONDS = 3.0                          # time budget per measurement
+BENCH_SECONDS = 3.0                          # timed seconds per kernel, about
+BENCH_ROUNDS = 3                             # blocks per kernel, taken in turn
 
 
 def repeats_for(fn, device: str) -> int:
+    """Timed calls per block so that fn's blocks take about BENCH_SECONDS in
+    all (1 to 10 calls a block)."""
     _, ms = timed(fn, device)
-    return int(max(1, min(10, BENCH_SECONDS * 1e3 / max(ms, 1e-3))))
+    return int(max(1, min(10, BENCH_SECONDS * 1e3 / BENCH_ROUNDS / max(ms, 1e-3))))
 
 
 def bench_shape(device: str, m: int, k: int, n: int) -> list[dict]:
@@ -584,19 +617,23 @@ def bench_shape(device: str, m: int, k: int, n: int) -> list[dict]:
 
     sub = min(m, BASELINE_ROWS[device])
     a_sub = a[:sub].contiguous()
-    baseline = lambda: baseline_matmul(a_sub, b)
-    ms_sub = time_ms(baseline, device, repeats_for(baseline, device))
-    row("baseline", ms_sub * m / sub, rows_timed=sub)
-
-    blas = lambda: torch.mm(a, b)
-    row("blas", time_ms(blas, device, repeats_for(blas, device)))
-
     b_t = b.T.contiguous()
+    a_words, b_words = pack(a), pack(b_t)
+    # both fast kernels write into outputs made once, as a GEMM inside a
+    # network would: a fresh 64 MB output costs ~10% of the XNOR product in
+    # page faults, 1% of the float one
+    c_float = torch.empty(m, n, device=device)
+    c_int = torch.empty(m, n, dtype=torch.int32, device=device)
+    kernels = {"baseline": lambda: baseline_matmul(a_sub, b),
+               "blas": lambda: torch.mm(a, b, out=c_float),
+               "xnor": lambda: xnor_matmul_packed(a_words, b_words, k, out=c_int)}
+    repeats = {name: repeats_for(fn, device) for name, fn in kernels.items()}
+    ms = time_ms(kernels, device, repeats, rounds=BENCH_ROUNDS)
     pack_both = lambda: (pack(a), pack(b_t))
-    pack_ms = time_ms(pack_both, device, repeats_for(pack_both, device))
-    a_words, b_words = pack_both()
-    xnor = lambda: xnor_matmul_packed(a_words, b_words, k)
-    row("xnor", time_ms(xnor, device, repeats_for(xnor, device)), pack_ms=pack_ms)
+    pack_ms = time_ms({"pack": pack_both}, device, repeats_for(pack_both, device))["pack"]
+    row("baseline", ms["baseline"] * m / sub, rows_timed=sub)
+    row("blas", ms["blas"])
+    row("xnor", ms["xnor"], pack_ms=pack_ms)
     return rows
 
 
@@ -657,7 +694,8 @@ def error_rate(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (scores.argmax(1).cpu() != labels).float().mean().item()
 
 
-WARM_UP = 100   # images run once before timing
+WARM_UP = 100       # images run once before timing
+INFER_REPEATS = 3   # timed passes over the test set, median taken
 
 
 def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
@@ -667,8 +705,12 @@ def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, devic
     float_net, xnor_net = FloatMLP(layers), XnorMLP(layers)
     float_net(pixels[:WARM_UP])   # thread pools, kernel compilation
     xnor_net(pixels[:WARM_UP])
-    float_scores, float_ms = timed(lambda: float_net(pixels), device)
-    xnor_scores, xnor_ms = timed(lambda: xnor_net(pixels), device)
+    # each network's first full pass gives its scores and warms it up (see time_ms)
+    float_scores = float_net(pixels)
+    float_ms = time_ms({"float": lambda: float_net(pixels)}, device, INFER_REPEATS, warm_up=False)
+    xnor_scores = xnor_net(pixels)
+    xnor_ms = time_ms({"xnor": lambda: xnor_net(pixels)}, device, INFER_REPEATS, warm_up=False)
+    float_ms, xnor_ms = float_ms["float"], xnor_ms["xnor"]
     result = dict(float_err=error_rate(float_scores, labels), xnor_err=error_rate(xnor_scores, labels),
                   identical=bool(torch.equal(float_scores.argmax(1), xnor_scores.argmax(1))),
                   float_ms=float_ms, xnor_ms=xnor_ms,
@@ -676,7 +718,8 @@ def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, devic
     if device == "cuda":
         baseline_net = FloatMLP(layers, matmul=baseline_matmul)
         baseline_net(pixels[:WARM_UP])
-        _, result["baseline_ms"] = timed(lambda: baseline_net(pixels), device)
+        result["baseline_ms"] = time_ms({"baseline": lambda: baseline_net(pixels)},
+                                        device, INFER_REPEATS, warm_up=False)["baseline"]
     return result
 
 

@@ -130,17 +130,17 @@ def pack_planes(lib, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None) -> torch.Tensor:
+def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None) -> torch.Tensor:
     """a: (M planes) x KW words, b: N x KW words, threshold: N int32 or None,
     all contiguous.  Returns M x N int32 dot products, or with a threshold the
-    M x ceil(N/64) packed activations (see bnn_xnor_gemm)."""
+    M x ceil(N/64) packed activations (see bnn_xnor_gemm), in `out` if given
+    (contiguous, of that shape and dtype: the caller checks)."""
     if planes not in (1, 8):
         raise ValueError(f"planes must be 1 or 8, got {planes}")
     m, n = a.shape[0] // planes, b.shape[0]
-    if threshold is None:
-        out = torch.empty(m, n, dtype=torch.int32)
-    else:
-        out = torch.empty(m, (n + 63) // 64, dtype=torch.int64)
+    if out is None:
+        cols, dtype = (n, torch.int32) if threshold is None else ((n + 63) // 64, torch.int64)
+        out = torch.empty(m, cols, dtype=dtype)
     lib.bnn_xnor_gemm(a.data_ptr(), b.data_ptr(), m, n, k, planes,
                       None if threshold is None else threshold.data_ptr(),
                       out.data_ptr(), threads())

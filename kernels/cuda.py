@@ -26,10 +26,12 @@ def grid(rows: int, cols: int, tile: int) -> tuple[int, int, int]:
     return ((cols + tile - 1) // tile, (rows + tile - 1) // tile, 1)
 
 
-def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
-    """a: M x KW words, b: N x KW words, contiguous CUDA int64.  M x N int32."""
+def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, out=None) -> torch.Tensor:
+    """a: M x KW words, b: N x KW words, contiguous CUDA int64.  M x N int32,
+    in `out` if given (contiguous, checked by the caller)."""
     m, n = a.shape[0], b.shape[0]
-    out = torch.empty(m, n, dtype=torch.int32, device=a.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.int32, device=a.device)
     if m and n:
         with torch.cuda.device(a.device):
             kernel("xnor_gemm")(grid=grid(m, n, TILE_XNOR), block=BLOCK,

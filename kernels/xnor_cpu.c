@@ -349,22 +349,30 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     of a row of A broadcast: every lane is its own pair, so there is no
  *     horizontal sum per pair and no partial vector at the end of a row
  *     (K = 784 bits is 13 steps).  This doubled the speed at K = 784.
- *     From HS_MIN_WORDS words on, a Harley-Seal variant of it counts 4
- *     steps with 3 carry-save adders and 1 lookup (micro_kernel_hs).
+ *     From HS_MIN_WORDS words on, a Harley-Seal variant counts 4 steps
+ *     with 3 carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8
+ *     tile that keeps all its counters in registers.
  *     Tried and dropped: a fifth row of A counted by scalar popcnt on the
- *     idle integer pipes (faster on one thread, no faster on two).
+ *     idle integer pipes (faster on one thread, no faster on two); two
+ *     more columns counted that way beside the 1 x 8 Harley-Seal tile
+ *     (0.86x per word pair); an 8-step Harley-Seal fold (0.95x, more
+ *     running vectors); prefetching the next B panel (no gain).
  *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
  *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
  * The AVX-512 kernel reads the last partial vector of a row with a masked
  * load, so any K runs through it.
  *
  * Cache blocking: the output is cut into blocks of MB rows of A by NB rows
- * of B, one task each, and K into slices of KC words.  For one K slice a
- * block re-reads its NB rows of B (NB * KC * 8 = 128 KiB, kept in L2) once
- * per MR rows of A, and the MR rows of A (4 KiB) stay in L1 while the
- * micro-kernel sweeps B.  (Smaller panels, MB / NB / KC = 32 / 64 / 64,
- * 64 / 64 / 32 and others, measured no better.)  Tasks are numbered so that consecutive ones share
- * the same B panel.  The sums of successive K slices add up in a per-task
+ * of B, one task each, and K into slices of KC words.  For one K slice the
+ * lookup kernel re-reads the block's NB rows of B (NB * KC * 8 = 124 KiB,
+ * kept in L2) once per MR rows of A, and the MR rows of A (4 KiB) stay in
+ * L1 while it sweeps B; the Harley-Seal kernel goes the other way round,
+ * one 8-row panel of B (8 KiB) in L1 against all MB rows of A (32 KiB).
+ * (Smaller panels, MB / NB / KC = 32 / 64 / 64, 64 / 64 / 32 and others,
+ * measured no better.)  KC = 124 keeps a slice within 31 groups of 4
+ * words, so the Harley-Seal kernel's byte counters never need widening
+ * inside a call.  Tasks are numbered so that consecutive ones share the
+ * same B panel.  The sums of successive K slices add up in a per-task
  * MB x NB scratch block (16 KiB) on the stack.
  *
  * Tails: rows of A or B left over at the block edge (M % MR, N % NR) go
@@ -411,7 +419,7 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
 #endif
 #define MB 32
 #define NB 128
-#define KC 128
+#define KC 124                /* words: at most BYTE_STEPS groups of 4 (Harley-Seal kernel) */
 
 typedef struct {
     const word_t *a, *b;
@@ -526,21 +534,17 @@ static inline long horizontal_sum(__m256i v)
 
 #define BYTE_STEPS 31   /* each step adds at most 8 to a byte counter */
 
-/* Store (first K slice) or add the 4 x 8 sums of a tile whose lanes are
- * pairs (see below): the low 32 bits of the 8 lanes of a row of A,
- * columns 0 - 3 then 4 - 7, as one 256-bit row. */
-static inline void store_lanes(__m256i sum[MR][2], int32_t *c, long ldc, int first)
+/* Store (first K slice) or add one row of a tile whose lanes are pairs
+ * (see below): the low 32 bits of the 4 lanes of s0 (columns 0 - 3) and of
+ * s1 (columns 4 - 7), as one 256-bit row. */
+static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
 {
     const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-    for (int i = 0; i < MR; i++) {
-        __m256i row = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(sum[i][0], low_dwords),
-                                                _mm256_permutevar8x32_epi32(sum[i][1], low_dwords),
-                                                0x20);
-        __m256i *dst = (__m256i *)(c + i * ldc);
-        if (!first)
-            row = _mm256_add_epi32(row, _mm256_loadu_si256(dst));
-        _mm256_storeu_si256(dst, row);
-    }
+    __m256i row = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(s0, low_dwords),
+                                            _mm256_permutevar8x32_epi32(s1, low_dwords), 0x20);
+    if (!first)
+        row = _mm256_add_epi32(row, _mm256_loadu_si256((const __m256i *)c));
+    _mm256_storeu_si256((__m256i *)c, row);
 }
 
 /* ---- The AVX2 tile kernel, on B interleaved by 4 rows.
@@ -582,30 +586,36 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group
             for (int h = 0; h < 2; h++)
                 sum[i][h] = _mm256_add_epi64(sum[i][h], _mm256_sad_epu8(bytes[i][h], zero));
     }
-    store_lanes(sum, c, ldc, first);
+    for (int i = 0; i < MR; i++)
+        store_row(sum[i][0], sum[i][1], c + i * ldc, first);
 }
 
-/* ---- The AVX2 Harley-Seal tile kernel, for slices of HS_MIN_WORDS words
- * or more: the same 4 x 8 tile on the same interleaved B, fewer ops.
+/* ---- The AVX2 Harley-Seal kernel, for slices of HS_MIN_WORDS words or
+ * more: one row of A against 8 rows of B (two interleaved groups), fewer
+ * ops per word pair than the lookup.
  *
  * The lookup costs 7 ops per vector (and, shift, and, two vpshufb, two
  * adds) after the xor.  A carry-save adder (CSA, 5 ops, no lookup) turns
  * three vectors of weight w into one of weight w and one of weight 2 w
- * without losing a bit, so for each pair-vector (row of A, group of B) the
- * vectors v0 .. v3 of 4 consecutive steps are folded into two running
- * vectors "ones" and "twos" and one vector "fours", and only "fours" goes
- * through the lookup:
+ * without losing a bit, so for each pair-vector (the row of A against a
+ * group of B) the vectors v0 .. v3 of 4 consecutive steps are folded into
+ * two running vectors "ones" and "twos" and one vector "fours", and only
+ * "fours" goes through the lookup:
  *     CSA(ones, v0, v1) -> ones, twos_a     CSA(ones, v2, v3) -> ones, twos_b
  *     CSA(twos, twos_a, twos_b) -> twos, fours;    bytes += lookup(fours)
- * 4 xors + 3 CSAs + 1 lookup = 26 ops per 4 steps instead of 32.  The byte
- * counters of "fours" are widened every BYTE_STEPS groups of 4 steps; the
- * total is 4 sum(fours) + 2 pop(twos) + pop(ones) plus the plain lookup of
- * the last n % 4 steps.  The pair-vectors are done one after another within
- * a group (their 4 B vectors are reloaded from L1), so only ones, twos and
- * the byte counter of the 8 pair-vectors stay live.
- * Measured (Zen 3, 2 threads): 10-15% faster at K = 4096 (64 words), but
- * slower at 13 - 16 words, where the fold is short and ones / twos still
- * need their lookups at the end: hence HS_MIN_WORDS. */
+ * 4 xors + 3 CSAs + 1 lookup = 26 ops per 4 steps instead of 32.  A call
+ * gets at most KC = 124 words, 31 groups of 4 steps, so the byte counters
+ * of "fours" (at most 8 a group) are widened once, at the end; the total
+ * is 4 sum(fours) + 2 pop(twos) + pop(ones) plus the plain lookup of the
+ * last n % 4 steps.
+ * Why one row of A and not the lookup kernel's 4: each pair-vector carries
+ * 3 running vectors (ones, twos, bytes), and AVX2 has 16 registers.  A 4 x 8
+ * tile needs 24 of them, so gcc kept them on the stack, a load and a store
+ * each per step.  The 1 x 8 tile keeps them in registers and did 1.09-1.14x
+ * the word pairs per second in L1 (Zen 3, the two timed in turn), 1.03-1.10x
+ * in the whole GEMM.  B is reused across the rows of A instead:
+ * tile_block_hs sweeps all rows of the block against one 8-row panel of B
+ * (8 KC words, 8 KiB), which stays in L1. */
 #define HS_MIN_WORDS 32
 
 static inline void csa(__m256i *high, __m256i *low, __m256i a, __m256i b, __m256i c)
@@ -616,50 +626,41 @@ static inline void csa(__m256i *high, __m256i *low, __m256i a, __m256i b, __m256
 }
 
 __attribute__((noinline))
-static void micro_kernel_hs(const word_t *a, long lda, const word_t *b4, long group_stride,
-                            long n, int32_t *c, long ldc, int first)
+static void micro_kernel_hs(const word_t *a, const word_t *b4, long group_stride,
+                            long n, int32_t *c, int first)
 {
     const __m256i zero = _mm256_setzero_si256();
-    __m256i ones[MR][2], twos[MR][2], sum[MR][2];
-    for (int i = 0; i < MR; i++)
-        for (int h = 0; h < 2; h++)
-            ones[i][h] = twos[i][h] = sum[i][h] = zero;
-    long groups = n / 4, k = 0;
-    for (long gr = 0; gr < groups;) {
-        long stop = gr + BYTE_STEPS < groups ? gr + BYTE_STEPS : groups;
-        __m256i bytes[MR][2];
-        for (int i = 0; i < MR; i++)
-            bytes[i][0] = bytes[i][1] = zero;
-        for (; gr < stop; gr++, k += 4)
-            for (int i = 0; i < MR; i++)
-                for (int h = 0; h < 2; h++) {
-                    const word_t *bp = b4 + h * group_stride + 4 * k, *ap = a + i * lda + k;
-                    __m256i v[4], twos_a, twos_b, fours;
-                    for (int t = 0; t < 4; t++)
-                        v[t] = _mm256_xor_si256(_mm256_set1_epi64x((long long)ap[t]),
-                                                load_4_words(bp + 4 * t));
-                    csa(&twos_a, &ones[i][h], ones[i][h], v[0], v[1]);
-                    csa(&twos_b, &ones[i][h], ones[i][h], v[2], v[3]);
-                    csa(&fours, &twos[i][h], twos[i][h], twos_a, twos_b);
-                    bytes[i][h] = add_byte_popcounts(bytes[i][h], fours);
-                }
-        for (int i = 0; i < MR; i++)
-            for (int h = 0; h < 2; h++)
-                sum[i][h] = _mm256_add_epi64(sum[i][h],
-                                             _mm256_slli_epi64(_mm256_sad_epu8(bytes[i][h], zero), 2));
-    }
-    for (int i = 0; i < MR; i++)
+    __m256i ones[2] = {zero, zero}, twos[2] = {zero, zero}, bytes[2] = {zero, zero};
+    long k = 0;
+    for (; k + 4 <= n; k += 4) {
+        __m256i av[4];
+        for (int t = 0; t < 4; t++)
+            av[t] = _mm256_set1_epi64x((long long)a[k + t]);
         for (int h = 0; h < 2; h++) {
-            /* ones, twos twice and the last 0 - 3 steps: at most 8 + 16 + 24 a byte */
-            __m256i rest = add_byte_popcounts(zero, ones[i][h]);
-            rest = add_byte_popcounts(add_byte_popcounts(rest, twos[i][h]), twos[i][h]);
-            for (long kk = k; kk < n; kk++)
-                rest = add_byte_popcounts(rest, _mm256_xor_si256(
-                    _mm256_set1_epi64x((long long)a[i * lda + kk]),
-                    load_4_words(b4 + h * group_stride + 4 * kk)));
-            sum[i][h] = _mm256_add_epi64(sum[i][h], _mm256_sad_epu8(rest, zero));
+            const word_t *bp = b4 + h * group_stride + 4 * k;
+            __m256i v[4], twos_a, twos_b, fours;
+            for (int t = 0; t < 4; t++)
+                v[t] = _mm256_xor_si256(av[t], load_4_words(bp + 4 * t));
+            csa(&twos_a, &ones[h], ones[h], v[0], v[1]);
+            csa(&twos_b, &ones[h], ones[h], v[2], v[3]);
+            csa(&fours, &twos[h], twos[h], twos_a, twos_b);
+            bytes[h] = add_byte_popcounts(bytes[h], fours);
         }
-    store_lanes(sum, c, ldc, first);
+    }
+    __m256i sum[2];
+    for (int h = 0; h < 2; h++) {
+        /* 4 pop(fours) + 2 pop(twos) + pop(ones) + the last 0 - 3 steps; the
+         * byte counts of the last three stay under 8 + 8 + 24 */
+        __m256i rest = add_byte_popcounts(zero, ones[h]);
+        for (long kk = k; kk < n; kk++)
+            rest = add_byte_popcounts(rest, _mm256_xor_si256(
+                _mm256_set1_epi64x((long long)a[kk]), load_4_words(b4 + h * group_stride + 4 * kk)));
+        __m256i twos_count = _mm256_sad_epu8(add_byte_popcounts(zero, twos[h]), zero);
+        sum[h] = _mm256_add_epi64(_mm256_slli_epi64(_mm256_sad_epu8(bytes[h], zero), 2),
+                                  _mm256_add_epi64(_mm256_slli_epi64(twos_count, 1),
+                                                   _mm256_sad_epu8(rest, zero)));
+    }
+    store_row(sum[0], sum[1], c, first);
 }
 
 #else
@@ -847,12 +848,36 @@ static void epilogue(const gemm_args *g, const int32_t *pop,
     }
 }
 
+#if defined(INTERLEAVED_B)
+/* One K slice of a block by the Harley-Seal kernel: panel by panel of 8
+ * rows of B (kept in L1 while every row of the block's A passes), then the
+ * last n % 8 columns by the edge kernel. */
+static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
+                          long n0, long n1, long k0, long kc)
+{
+    long kw = g->kw, j = n0;
+    for (; j + NR <= n1; j += NR)
+        for (long i = m0; i < m1; i++)
+            micro_kernel_hs(g->a + i * kw + k0, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc,
+                            pop + (i - m0) * NB + (j - n0), k0 == 0);
+    if (j < n1)
+        edge_kernel(g->a + m0 * kw + k0, g->b + j * kw + k0, kw, kc, pop + (j - n0), NB,
+                    m1 - m0, n1 - j, k0 == 0);
+}
+#endif
+
 /* One K slice of a block of the ordinary GEMM: register tiles, then edges. */
 static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
                        long n0, long n1, long k0, long kc)
 {
     long kw = g->kw;
     int first = k0 == 0;
+#if defined(INTERLEAVED_B)
+    if (kc >= HS_MIN_WORDS && g->b4 != NULL) {
+        tile_block_hs(g, pop, m0, m1, n0, n1, k0, kc);
+        return;
+    }
+#endif
     for (long i = m0; i < m1; i += MR) {
         const word_t *a = g->a + i * kw + k0;
         for (long j = n0; j < n1; j += NR) {
@@ -860,8 +885,7 @@ static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
             int32_t *c = pop + (i - m0) * NB + (j - n0);
 #if defined(INTERLEAVED_B)
             if (i + MR <= m1 && j + NR <= n1 && g->b4 != NULL)
-                (kc >= HS_MIN_WORDS ? micro_kernel_hs : micro_kernel)(
-                    a, kw, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc, c, NB, first);
+                micro_kernel(a, kw, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc, c, NB, first);
 #else
             if (i + MR <= m1 && j + NR <= n1)
                 micro_kernel(a, b, kw, kc, c, NB, first);

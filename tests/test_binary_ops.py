@@ -87,9 +87,9 @@ SHAPES = [
     (1, 1, 1),          # K = 1
     (3, 63, 5), (4, 64, 4), (5, 65, 7),     # around one word
     (33, 200, 130),     # M, N past the block sizes (MB = 32, NB = 128)
-    (7, 4096, 9),       # the paper's width
+    (7, 4096, 9),       # the paper's width; N % 8 = 1 column for the edge kernel
     (9, 2240 - 5, 17),  # 35 words: the AVX2 Harley-Seal kernel with 3 steps left over
-    (5, 8192 + 130, 6),  # more than one K slice (KC = 128 words)
+    (5, 8192 + 130, 13),  # more than one K slice (KC = 124 words), the last one short
     (0, 10, 3), (3, 10, 0),
 ]
 
@@ -100,6 +100,20 @@ def test_xnor_matmul_exact(cpu_path, m, k, n):
     out = bo.xnor_matmul(a, b, kernel=cpu_path)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     assert torch.equal(out, reference_matmul(a, b))
+
+
+@pytest.mark.parametrize("k", [64 * 124, 64 * 124 + 64 * 35 - 9])
+def test_xnor_matmul_counters_at_their_limit(cpu_path, k):
+    """Rows of A that agree with rows of B everywhere, nowhere and half the
+    time: the popcount of every word is 64 or 0, which fills the AVX2
+    kernels' byte counters to their limit (31 groups of 4 words per K slice
+    in the Harley-Seal kernel)."""
+    a = torch.ones(3, k)
+    a[1] = -1.0
+    a[2, ::2] = -1.0
+    b = torch.ones(k, 11)
+    b[:, 1::2] = -1.0
+    assert torch.equal(bo.xnor_matmul(a, b, kernel=cpu_path), reference_matmul(a, b))
 
 
 @settings(max_examples=25, deadline=None)
@@ -139,6 +153,20 @@ def test_packed_form_reused():
     for rows in (a, -a, a[:2]):
         out = bo.xnor_matmul_packed(bo.pack(rows), b_words, 300)
         assert out.dtype == torch.int32
+        assert torch.equal(out.float(), reference_matmul(rows, b))
+
+
+@pytest.mark.parametrize("pure_torch", [False, True])
+def test_packed_product_into_out(monkeypatch, pure_torch):
+    """out= (C and pure-PyTorch paths): the product lands in the given
+    tensor, which is returned, and a second product overwrites the first."""
+    if pure_torch:
+        monkeypatch.setenv("BINARYNET_PURE_TORCH", "1")
+    a, b = random_operands(37, 1000, 19, seed=6)
+    b_words = bo.pack(b.T)
+    out = torch.full((37, 19), 12345, dtype=torch.int32)
+    for rows in (a, -a):
+        assert bo.xnor_matmul_packed(bo.pack(rows), b_words, 1000, out=out) is out
         assert torch.equal(out.float(), reference_matmul(rows, b))
 
 
@@ -324,6 +352,15 @@ ERRORS = [
     (lambda: bo.xnor_matmul_packed(torch.ones(2, 1, dtype=torch.int64),
                                    torch.ones(2, 1, dtype=torch.int64), 0), ValueError, "positive"),
     (lambda: bo.bit_planes(torch.ones(2, 3)), TypeError, "uint8"),
+]
+ONES_WORDS = torch.ones(2, 1, dtype=torch.int64)
+ERRORS += [
+    (lambda: bo.xnor_matmul_packed(ONES_WORDS, ONES_WORDS, 64, out=torch.ones(2, 2)),
+     TypeError, "32-bit integer"),
+    (lambda: bo.xnor_matmul_packed(ONES_WORDS, ONES_WORDS, 64, out=torch.ones(2, 3, dtype=torch.int32)),
+     ValueError, "shape (2, 2)"),
+    (lambda: bo.xnor_matmul_packed(ONES_WORDS, ONES_WORDS, 64, out=torch.ones(2, 4, dtype=torch.int32)[:, ::2]),
+     ValueError, "not contiguous"),
 ]
 
 
@@ -548,6 +585,8 @@ def test_custom_ops_registered():
     a_words, b_words = bo.pack(a), bo.pack(b.T)
     torch.library.opcheck(bo._pack_op, (a.contiguous(),))
     torch.library.opcheck(bo._xnor_gemm_op, (a_words, b_words, 70, 1))
+    torch.library.opcheck(bo._xnor_gemm_out_op,
+                          (a_words, b_words, 70, torch.empty(len(a), b.shape[1], dtype=torch.int32)))
     out = torch.ops.binarynet.xnor_gemm(a_words, b_words, 70, 1)
     assert torch.equal(out.float(), reference_matmul(a, b))
 
@@ -570,6 +609,14 @@ def test_cuda_matmul_exact(m, k, n, kernel):
     a, b = random_operands(m, k, n, seed=m + k + n, device="cuda")
     out = bo.xnor_matmul(a, b, kernel=kernel)
     assert out.is_cuda and torch.equal(out.cpu(), reference_matmul(a, b))
+
+
+@needs_cuda
+def test_cuda_packed_product_into_out():
+    a, b = random_operands(70, 1000, 90, seed=9, device="cuda")
+    out = torch.zeros(70, 90, dtype=torch.int32, device="cuda")
+    assert bo.xnor_matmul_packed(bo.pack(a), bo.pack(b.T), 1000, out=out) is out
+    assert torch.equal(out.float().cpu(), reference_matmul(a, b))
 
 
 @needs_cuda
