@@ -182,10 +182,13 @@ def _xnor_gemm_out_cpu(a, b, k, out):
         cpu_kernels.xnor_gemm(lib, a, b, k, 1, out=out)
 
 
+def _xnor_gemm_out_cuda(a, b, k, out):
+    cuda_kernels.xnor_gemm(a, b, k, out=out)
+
+
 _xnor_gemm_out_op = _op(
     "xnor_gemm_out(Tensor a, Tensor b, int k, Tensor(a!) out) -> ()", _xnor_gemm_out_cpu,
-    lambda a, b, k, out: cuda_kernels.xnor_gemm(a, b, k, out=out) and None,
-    lambda a, b, k, out: None)
+    _xnor_gemm_out_cuda, lambda a, b, k, out: None)
 
 
 def _xnor_fire_cpu(a, b, k, planes, threshold):
