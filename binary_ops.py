@@ -574,7 +574,7 @@ def time_ms(fns: dict, device: str, repeats, rounds: int = 1, warm_up: bool = Tr
     for _ in range(rounds):
         for name, fn in fns.items():
             spent = 0.0
-            while warm_up and (spent == 0.0 or spent < WARM_UP_MS):
+            while warm_up and spent < WARM_UP_MS:
                 spent += timed(fn, device)[1]
             calls = repeats[name] if isinstance(repeats, dict) else repeats
             times[name] += [timed(fn, device)[1] for _ in range(calls)]
