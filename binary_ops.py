@@ -710,10 +710,9 @@ def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, devic
     xnor_net(pixels[:WARM_UP])
     # each network's first full pass gives its scores and warms it up (see time_ms)
     float_scores = float_net(pixels)
-    float_ms = time_ms({"float": lambda: float_net(pixels)}, device, INFER_REPEATS, warm_up=False)
+    float_ms = time_ms({"float": lambda: float_net(pixels)}, device, INFER_REPEATS, warm_up=False)["float"]
     xnor_scores = xnor_net(pixels)
-    xnor_ms = time_ms({"xnor": lambda: xnor_net(pixels)}, device, INFER_REPEATS, warm_up=False)
-    float_ms, xnor_ms = float_ms["float"], xnor_ms["xnor"]
+    xnor_ms = time_ms({"xnor": lambda: xnor_net(pixels)}, device, INFER_REPEATS, warm_up=False)["xnor"]
     result = dict(float_err=error_rate(float_scores, labels), xnor_err=error_rate(xnor_scores, labels),
                   identical=bool(torch.equal(float_scores.argmax(1), xnor_scores.argmax(1))),
                   float_ms=float_ms, xnor_ms=xnor_ms,

@@ -26,26 +26,25 @@ def grid(rows: int, cols: int, tile: int) -> tuple[int, int, int]:
     return ((cols + tile - 1) // tile, (rows + tile - 1) // tile, 1)
 
 
+def launch(name: str, tile: int, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k: int):
+    """Run kernel `name` (args: a, b, out, M, N, K) over the M x N output,
+    one block of 16 x 16 threads per tile x tile outputs; returns out."""
+    m, n = out.shape
+    if m and n:
+        with torch.cuda.device(out.device):
+            kernel(name)(grid=grid(m, n, tile), block=BLOCK, args=[a, b, out, m, n, k])
+    return out
+
+
 def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, out=None) -> torch.Tensor:
     """a: M x KW words, b: N x KW words, contiguous CUDA int64.  M x N int32,
     in `out` if given (contiguous, checked by the caller)."""
-    m, n = a.shape[0], b.shape[0]
     if out is None:
-        out = torch.empty(m, n, dtype=torch.int32, device=a.device)
-    if m and n:
-        with torch.cuda.device(a.device):
-            kernel("xnor_gemm")(grid=grid(m, n, TILE_XNOR), block=BLOCK,
-                                args=[a, b, out, m, n, k])
-    return out
+        out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    return launch("xnor_gemm", TILE_XNOR, a, b, out, k)
 
 
 def baseline_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a: M x K, b: K x N contiguous CUDA float32.  a @ b by the 16 x 16 kernel."""
-    m, k = a.shape
-    n = b.shape[1]
-    out = torch.empty(m, n, dtype=torch.float32, device=a.device)
-    if m and n:
-        with torch.cuda.device(a.device):
-            kernel("baseline_gemm")(grid=grid(m, n, TILE_BASELINE), block=BLOCK,
-                                    args=[a, b, out, m, n, k])
-    return out
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    return launch("baseline_gemm", TILE_BASELINE, a, b, out, a.shape[1])
