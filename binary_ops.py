@@ -14,8 +14,8 @@ the last word are 0.  A GEMM a @ b packs the rows of a and the columns of b,
 i.e. pack(a) and pack(b.T): both operands are packed along K.
 
 Command line:
-    python binary_ops.py --bench [--json PATH]
-    python binary_ops.py --infer mnist_parameters.npz --data-dir DIR [--json PATH]
+    python binary_ops.py --bench [--json PATH] [--device cpu|cuda]
+    python binary_ops.py --infer mnist_parameters.npz --data-dir DIR [--json PATH] [--device cpu|cuda]
 """
 import argparse
 import json
@@ -53,9 +53,9 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Plain PyTorch versions of the two kernels.  They run where no C compiler
-# exists, pack on the GPU, and are the readable statement of what the
-# hand-written kernels compute.
+# Plain PyTorch versions of the kernels.  They run where no C compiler
+# exists and are the readable statement of what the hand-written kernels
+# compute (the tests compare each kernel with them).
 # ---------------------------------------------------------------------------
 
 def pack_torch(x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def _pack_cpu(x):
     return pack_torch(x) if lib is None else cpu_kernels.pack(lib, x)
 
 
-_pack_op = _op("pack(Tensor x) -> Tensor", _pack_cpu, pack_torch,
+_pack_op = _op("pack(Tensor x) -> Tensor", _pack_cpu, cuda_kernels.pack,
                lambda x: x.new_empty(x.shape[0], words(x.shape[1]), dtype=torch.int64))
 
 
@@ -156,7 +156,7 @@ def _pack_planes_cpu(pixels):
 
 
 _pack_planes_op = _op(
-    "pack_planes(Tensor pixels) -> Tensor", _pack_planes_cpu, pack_planes_torch,
+    "pack_planes(Tensor pixels) -> Tensor", _pack_planes_cpu, cuda_kernels.pack_planes,
     lambda pixels: pixels.new_empty(PIXEL_BITS * pixels.shape[0], words(pixels.shape[1]),
                                     dtype=torch.int64))
 
@@ -200,7 +200,7 @@ def _xnor_fire_cpu(a, b, k, planes, threshold):
 
 _xnor_fire_op = _op(
     "xnor_fire(Tensor a, Tensor b, int k, int planes, Tensor threshold) -> Tensor", _xnor_fire_cpu,
-    lambda a, b, k, planes, threshold: fire_torch(_xnor_gemm_op(a, b, k, planes), threshold),
+    lambda a, b, k, planes, threshold: cuda_kernels.fire(_xnor_gemm_op(a, b, k, planes), threshold),
     lambda a, b, k, planes, threshold: a.new_empty(a.shape[0] // planes, words(b.shape[0]),
                                                    dtype=torch.int64))
 
@@ -249,6 +249,8 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     k = x.shape[-1]
+    if x.dtype == torch.float64:   # a tiny negative would round to -0.0, read as +1
+        x = torch.where(x >= 0, 1.0, -1.0)
     flat = x.reshape(-1, k).to(torch.float32).contiguous()
     return _pack_op(flat).view(*x.shape[:-1], words(k))
 
@@ -630,6 +632,10 @@ def bench_shape(device: str, m: int, k: int, n: int) -> list[dict]:
     kernels = {"baseline": lambda: baseline_matmul(a_sub, b),
                "blas": lambda: torch.mm(a, b, out=c_float),
                "xnor": lambda: xnor_matmul_packed(a_words, b_words, k, out=c_int)}
+    if device == "cuda" and cuda_kernels.has_tensor_core_xnor(a.device):
+        # the ordinary-core kernel too, which "xnor" replaces on such GPUs
+        kernels["xnor_popc"] = lambda: cuda_kernels.xnor_gemm(a_words, b_words, k, out=c_int,
+                                                              name="xnor_gemm")
     repeats = {name: repeats_for(fn, device) for name, fn in kernels.items()}
     ms = time_ms(kernels, device, repeats, rounds=BENCH_ROUNDS)
     pack_both = lambda: (pack(a), pack(b_t))
@@ -637,6 +643,8 @@ def bench_shape(device: str, m: int, k: int, n: int) -> list[dict]:
     row("baseline", ms["baseline"] * m / sub, rows_timed=sub)
     row("blas", ms["blas"])
     row("xnor", ms["xnor"], pack_ms=pack_ms)
+    if "xnor_popc" in ms:
+        row("xnor_popc", ms["xnor_popc"])
     return rows
 
 
@@ -665,7 +673,14 @@ def print_bench_table(rows: list[dict]) -> None:
               f"{r['ms']:>10.2f} {r['gops']:>8.1f} {speedup:>7.1f}x  {note}")
 
 
-def run_bench(json_path) -> int:
+def devices_to_run(device) -> list[str]:
+    """The CPU and, where present, CUDA; or only `device`."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParameterError("--device cuda: no CUDA GPU is visible to PyTorch")
+    return [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def run_bench(json_path, devices) -> int:
     lib = cpu_kernels.library()
     popcount = lib.bnn_popcount_kind().decode() if lib else "none (pure-PyTorch path)"
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; popcount: {popcount}; "
@@ -673,8 +688,8 @@ def run_bench(json_path) -> int:
     if lib is None:
         print("binary_ops: error: the benchmark needs the C kernels (no C compiler found)", file=sys.stderr)
         return 2
-    jobs = [("cpu", shape) for shape in CPU_SHAPES]
-    if torch.cuda.is_available():
+    jobs = [("cpu", shape) for shape in CPU_SHAPES if "cpu" in devices]
+    if "cuda" in devices:
         print(f"GPU: {torch.cuda.get_device_name()}")
         jobs += [("cuda", shape) for shape in CUDA_SHAPES]
     print("ms: median wall time; GOPS: 2 M N K / time (one XNOR-popcount bit counts as "
@@ -751,16 +766,16 @@ def load_test_set(data_dir):
     return torch.as_tensor(X).reshape(len(X), -1), torch.as_tensor(y)
 
 
-def run_infer(npz_path, data_dir, json_path) -> int:
+def run_infer(npz_path, data_dir, json_path, devices) -> int:
     layers = load_parameters(npz_path)
     pixels, labels = load_test_set(data_dir)
     results = {}
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+    for device in devices:
         results[device] = infer(layers, pixels, labels, device)
         print_infer(results[device], device, len(pixels), layers[0].weight.shape[0])
     if json_path:
-        out = dict(results["cpu"])
-        if "cuda" in results:
+        out = dict(results[devices[0]])
+        if len(devices) > 1:
             out["cuda"] = results["cuda"]
         Path(json_path).write_text(json.dumps(out, indent=1))
     return 0
@@ -773,11 +788,16 @@ def main(argv=None) -> int:
     parser.add_argument("--infer", metavar="NPZ", help="1-bit MNIST inference on these parameters")
     parser.add_argument("--data-dir", help="folder of the MNIST files (for --infer)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="only this device (default: the CPU, and CUDA where present)")
     args = parser.parse_args(argv)
     if args.bench == bool(args.infer):
         parser.error("give exactly one of --bench and --infer")
     try:
-        return run_bench(args.json) if args.bench else run_infer(args.infer, args.data_dir, args.json)
+        devices = devices_to_run(args.device)
+        if args.bench:
+            return run_bench(args.json, devices)
+        return run_infer(args.infer, args.data_dir, args.json, devices)
     except (ParameterError, OSError) as e:
         print(f"binary_ops: error: {e}", file=sys.stderr)
         return 2

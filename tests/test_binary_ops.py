@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import binary_ops as bo
 from kernels import cpu as cpu_kernels
+from kernels import cuda as cuda_kernels
 
 REAL_MNIST = Path("/work/shared/data/mnist")
 HAS_C = shutil.which("gcc") is not None
@@ -320,6 +321,13 @@ def test_pack_round_trip(cpu_path, shape):
     assert torch.equal(words, bo.pack_torch(x.reshape(-1, shape[-1])).view(words.shape))
 
 
+def test_pack_float64_tiny_negatives():
+    """float64 values that round to -0.0 in float32 keep their sign."""
+    x = torch.tensor([[-1e-300, 1e-300, -0.0, 0.0, -5e-46, 2.0]], dtype=torch.float64)
+    assert torch.equal(unpack(bo.pack(x), 6), torch.tensor([[-1.0, 1, 1, 1, -1, 1]]))
+    assert torch.equal(bo.xnor_matmul(x, x.T), torch.tensor([[6.0]]))
+
+
 def test_pack_bit_order():
     x = -torch.ones(1, 130)
     x[0, [0, 63, 64, 129]] = 1.0
@@ -580,6 +588,23 @@ def test_bench_rows(capsys):
     assert "timed on 8 of 33 rows" in capsys.readouterr().out
 
 
+@needs_cuda
+def test_bench_rows_cuda():
+    rows = bo.bench_shape("cuda", 33, 200, 70)
+    kernels = [r["kernel"] for r in rows]
+    assert kernels[:3] == ["baseline", "blas", "xnor"]
+    if cuda_kernels.has_tensor_core_xnor(torch.device("cuda")):
+        assert kernels[3:] == ["xnor_popc"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error where no GPU exists")
+@pytest.mark.parametrize("mode", [["--bench"], ["--infer", "p.npz"]])
+def test_device_cuda_without_gpu_is_one_line_error(capsys, mode):
+    assert bo.main(mode + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == "binary_ops: error: --device cuda: no CUDA GPU is visible to PyTorch\n"
+
+
 def test_custom_ops_registered():
     a, b = random_operands(5, 70, 3, seed=2)
     a_words, b_words = bo.pack(a), bo.pack(b.T)
@@ -609,6 +634,54 @@ def test_cuda_matmul_exact(m, k, n, kernel):
     a, b = random_operands(m, k, n, seed=m + k + n, device="cuda")
     out = bo.xnor_matmul(a, b, kernel=kernel)
     assert out.is_cuda and torch.equal(out.cpu(), reference_matmul(a, b))
+
+
+CUDA_XNOR_SHAPES = SHAPES + [(130, 1000, 70), (64, 64, 64), (257, 4097, 129), (300, 20000, 260)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("m,k,n", CUDA_XNOR_SHAPES)
+@pytest.mark.parametrize("name", ["xnor_gemm_tc", "xnor_gemm"])
+def test_cuda_xnor_kernels_exact(m, k, n, name):
+    """Each CUDA XNOR kernel forced in turn: tails of M, N (tiles of 128 and
+    64) and K (stages of 512 bits), K beyond one stage, both fragments."""
+    if name == "xnor_gemm_tc" and not cuda_kernels.has_tensor_core_xnor(torch.device("cuda")):
+        pytest.skip("no 1-bit tensor-core instruction before compute capability 8.0")
+    a, b = random_operands(m, k, n, seed=3 * m + k + n, device="cuda")
+    out = cuda_kernels.xnor_gemm(bo.pack(a), bo.pack(b.T.contiguous()), k, name=name)
+    assert torch.equal(out.float().cpu(), reference_matmul(a, b))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["xnor_gemm_tc", "xnor_gemm"])
+def test_cuda_xnor_kernels_extremes(name):
+    """All-agreeing and all-differing rows (every bit set in one operand):
+    the row popcounts of the tensor-core form at their largest."""
+    if name == "xnor_gemm_tc" and not cuda_kernels.has_tensor_core_xnor(torch.device("cuda")):
+        pytest.skip("no 1-bit tensor-core instruction before compute capability 8.0")
+    k = 1000
+    a = torch.ones(130, k, device="cuda")
+    a[1::2] = -1
+    b = torch.ones(k, 70, device="cuda")
+    b[:, 1::3] = -1
+    out = cuda_kernels.xnor_gemm(bo.pack(a), bo.pack(b.T.contiguous()), k, name=name)
+    assert torch.equal(out.float().cpu(), reference_matmul(a, b))
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,k", [(1, 1), (3, 31), (5, 64), (7, 65), (33, 790), (1000, 4096 + 3)])
+def test_cuda_packing_kernels(rows, k):
+    """pack.cu's three kernels bit for bit against the PyTorch versions:
+    signs (zeros, -0.0 and NaN included), thresholds and bit planes."""
+    gen = torch.Generator().manual_seed(rows + k)
+    x = torch.randn(rows, k, generator=gen)
+    x.view(-1)[::5], x.view(-1)[1::7], x.view(-1)[2::11] = 0.0, -0.0, float("nan")
+    assert torch.equal(cuda_kernels.pack(x.cuda()).cpu(), bo.pack_torch(x))
+    d = torch.randint(-50, 50, (rows, k), dtype=torch.int32, generator=gen)
+    threshold = torch.randint(-50, 50, (k,), dtype=torch.int32, generator=gen)
+    assert torch.equal(cuda_kernels.fire(d.cuda(), threshold.cuda()).cpu(), bo.fire_torch(d, threshold))
+    pixels = torch.randint(0, 256, (rows, k), dtype=torch.uint8, generator=gen)
+    assert torch.equal(cuda_kernels.pack_planes(pixels.cuda()).cpu(), bo.pack_planes_torch(pixels))
 
 
 @needs_cuda
