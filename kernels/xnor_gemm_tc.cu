@@ -12,9 +12,9 @@
  *
  * The instruction: mma.sync m16n8k256 .b1 .and.popc adds popcount(a AND b)
  * over 256 bits for a 16 x 8 tile of c in one warp-wide step (compute
- * capability 8.0 and up).  Why AND and not XOR: Hopper has no XOR form;
- * ptxas turns each .xor.popc into a subroutine of two AND instructions and
- * register moves, which would halve the rate.  The row popcounts |a_i| and
+ * capability 8.0 and up).  Why AND and not XOR: for Hopper (sm_90) ptxas
+ * turns each .xor.popc into a call to a subroutine of two AND instructions
+ * and register moves (seen in its SASS).  The row popcounts |a_i| and
  * |b_j| come almost free: each thread counts the words it copies from
  * global memory (its rows stay the same at every stage).  Fragments, per
  * lane (g = lane / 4, t = lane % 4), each register 32 bits of K:
@@ -37,9 +37,10 @@
  *     4, 24, 12} plus 0..3, all 32 banks once, so no bank conflicts;
  *   - tails: words, rows and columns past the edge are loaded as 0 (a zero
  *     word in both operands counts nothing) and results past the edge of c
- *     are not stored, so M, N and K are arbitrary.
+ *     are not stored, so M, N and K are arbitrary;
  *   - two blocks per multiprocessor (launch bounds): 128 registers a
- *     thread, no spills (ptxas gives 158 otherwise, one block).
+ *     thread, no spills (ptxas gives 158 otherwise, one block); at 8192^3
+ *     on an H200, 0.60 ms against 0.74 ms with one block.
  * Launch: grid (ceil(N / 128), ceil(M / 128)), block 256.
  */
 #define BM 128
