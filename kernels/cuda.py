@@ -85,8 +85,10 @@ def pack_planes(pixels: torch.Tensor) -> torch.Tensor:
     return launch_pack("pack_planes", rows * words(k), out, [pixels, out, rows, k])
 
 
+@functools.cache
 def has_tensor_core_xnor(device: torch.device) -> bool:
-    """mma.sync m16n8k256 .b1 .and.popc needs compute capability 8.0."""
+    """mma.sync m16n8k256 .b1 .and.popc needs compute capability 8.0 (asked
+    once per device: every XNOR product on the GPU passes here)."""
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
