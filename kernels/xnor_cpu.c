@@ -356,7 +356,15 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     idle integer pipes (faster on one thread, no faster on two); two
  *     more columns counted that way beside the 1 x 8 Harley-Seal tile
  *     (0.86x per word pair); an 8-step Harley-Seal fold (0.95x, more
- *     running vectors); prefetching the next B panel (no gain).
+ *     running vectors; level with the 4-step fold after the reordering
+ *     described at micro_kernel_hs); feeding
+ *     each CSA v0 and v0 XOR v1, read from copies of A and B with every
+ *     odd word XORed with the word before (6 ops instead of 7 per two
+ *     steps, yet 0.95x); a vertical (bit-sliced) count, 256 outputs a
+ *     vector, over B transposed and stored with its complement so that no
+ *     XOR is needed (1.04-1.15x the Harley-Seal kernel in L1, before the
+ *     cost of turning its bit-plane counters back into integers);
+ *     prefetching the next B panel (no gain).
  *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
  *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
  * The AVX-512 kernel reads the last partial vector of a row with a masked
@@ -560,16 +568,18 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
  * counter belongs to one (row of A, row of B) pair, so vpsadbw (every
  * BYTE_STEPS steps) leaves each pair's sum in its own lane: no horizontal
  * sum and no K tail at all (K = 784 bits is 13 steps, not 4 vectors of which
- * the last is 1/4 full).  The 4 x 8 tile is stored as four 256-bit rows. */
+ * the last is 1/4 full).  The 4 x 8 tile is stored as four 256-bit rows.
+ * Each run of up to BYTE_STEPS steps is widened and added into the tile in
+ * memory straight away: 64-bit sums kept in registers across runs as well
+ * made 18 live vectors for AVX2's 16 registers, and gcc spilled byte
+ * counters to the stack in the step loop (5-10% slower at K = 784, the
+ * first layer's width, where one run is the whole row). */
 __attribute__((noinline))
 static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group_stride,
                          long n, int32_t *c, long ldc, int first)
 {
     const __m256i zero = _mm256_setzero_si256();
-    __m256i sum[MR][2];
-    for (int i = 0; i < MR; i++)
-        sum[i][0] = sum[i][1] = zero;
-    for (long k = 0; k < n;) {
+    for (long k = 0; k < n; first = 0) {
         long stop = k + BYTE_STEPS < n ? k + BYTE_STEPS : n;
         __m256i bytes[MR][2];
         for (int i = 0; i < MR; i++)
@@ -583,11 +593,9 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group
             }
         }
         for (int i = 0; i < MR; i++)
-            for (int h = 0; h < 2; h++)
-                sum[i][h] = _mm256_add_epi64(sum[i][h], _mm256_sad_epu8(bytes[i][h], zero));
+            store_row(_mm256_sad_epu8(bytes[i][0], zero), _mm256_sad_epu8(bytes[i][1], zero),
+                      c + i * ldc, first);
     }
-    for (int i = 0; i < MR; i++)
-        store_row(sum[i][0], sum[i][1], c + i * ldc, first);
 }
 
 /* ---- The AVX2 Harley-Seal kernel, for slices of HS_MIN_WORDS words or
@@ -615,7 +623,13 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group
  * the word pairs per second in L1 (Zen 3, the two timed in turn), 1.03-1.10x
  * in the whole GEMM.  B is reused across the rows of A instead:
  * tile_block_hs sweeps all rows of the block against one 8-row panel of B
- * (8 KC words, 8 KiB), which stays in L1. */
+ * (8 KC words, 8 KiB), which stays in L1.
+ * The order of the work matters as much: the kernel takes the steps in
+ * pairs, each pair for both halves of the tile, so that two broadcast
+ * words of A are live at a time.  Broadcasting all 4 steps first and doing
+ * one half after the other left gcc too few registers, and it spilled the
+ * byte counters to the stack: the pairwise order ran 1.05-1.07x faster in
+ * the whole GEMM (Zen 3, the two builds timed in turn). */
 #define HS_MIN_WORDS 32
 
 static inline void csa(__m256i *high, __m256i *low, __m256i a, __m256i b, __m256i c)
@@ -633,17 +647,19 @@ static void micro_kernel_hs(const word_t *a, const word_t *b4, long group_stride
     __m256i ones[2] = {zero, zero}, twos[2] = {zero, zero}, bytes[2] = {zero, zero};
     long k = 0;
     for (; k + 4 <= n; k += 4) {
-        __m256i av[4];
-        for (int t = 0; t < 4; t++)
-            av[t] = _mm256_set1_epi64x((long long)a[k + t]);
+        __m256i twos_ab[2][2];      /* [half][a or b] */
+        for (int t = 0; t < 2; t++) {
+            __m256i a0 = _mm256_set1_epi64x((long long)a[k + 2 * t]);
+            __m256i a1 = _mm256_set1_epi64x((long long)a[k + 2 * t + 1]);
+            for (int h = 0; h < 2; h++) {
+                const word_t *bp = b4 + h * group_stride + 4 * (k + 2 * t);
+                csa(&twos_ab[h][t], &ones[h], ones[h], _mm256_xor_si256(a0, load_4_words(bp)),
+                    _mm256_xor_si256(a1, load_4_words(bp + 4)));
+            }
+        }
         for (int h = 0; h < 2; h++) {
-            const word_t *bp = b4 + h * group_stride + 4 * k;
-            __m256i v[4], twos_a, twos_b, fours;
-            for (int t = 0; t < 4; t++)
-                v[t] = _mm256_xor_si256(av[t], load_4_words(bp + 4 * t));
-            csa(&twos_a, &ones[h], ones[h], v[0], v[1]);
-            csa(&twos_b, &ones[h], ones[h], v[2], v[3]);
-            csa(&fours, &twos[h], twos[h], twos_a, twos_b);
+            __m256i fours;
+            csa(&fours, &twos[h], twos[h], twos_ab[h][0], twos_ab[h][1]);
             bytes[h] = add_byte_popcounts(bytes[h], fours);
         }
     }
