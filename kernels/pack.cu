@@ -8,8 +8,6 @@
  * __ballot_sync gathers the 32 lanes' bits of each half into one register
  * in lane order, which is exactly the packed order; lane 0 stores the word.
  * Tails: lanes past the end of the row vote 0, so the unused bits are 0.
- * The three kernels repeat their few lines of indexing, so each reads on
- * its own.
  * Launch: 8 warps (256 threads) per block, one warp per word of the output
  * (pack_planes: per word of the input rows, each writing 8 planes).
  */
@@ -17,11 +15,24 @@ typedef unsigned long long word_t;
 
 #define WARPS 8
 
-/* The word this warp packs, or -1 past the end of the output. */
-__device__ __forceinline__ long long warp_word(long long words)
+/* Where this warp works: output word w (of rows x kw words), its row, and
+ * the element c of that row that this lane reads first (then c + 32).
+ * Every lane of a warp has the same w, so a warp leaves as a whole. */
+struct slot {
+    long long w, row;
+    int kw, c;
+};
+
+/* This warp's slot over rows of k elements; false past the last word. */
+__device__ __forceinline__ bool warp_slot(int rows, int k, slot *s)
 {
-    const long long w = (long long)blockIdx.x * WARPS + threadIdx.x / 32;
-    return w < words ? w : -1;
+    s->kw = (k + 63) / 64;
+    s->w = (long long)blockIdx.x * WARPS + threadIdx.x / 32;
+    if (s->w >= (long long)rows * s->kw)
+        return false;
+    s->row = s->w / s->kw;
+    s->c = (int)(s->w % s->kw) * 64 + threadIdx.x % 32;
+    return true;
 }
 
 __device__ __forceinline__ word_t ballot_word(bool lo, bool hi)
@@ -30,21 +41,24 @@ __device__ __forceinline__ word_t ballot_word(bool lo, bool hi)
     return (word_t)h << 32 | l;
 }
 
+__device__ __forceinline__ bool first_lane(void)
+{
+    return threadIdx.x % 32 == 0;
+}
+
 /* out (rows x kw) = the signs of x (rows x k, float32): bit set where x >= 0,
  * as binary_net.sign reads sign(0) = +1 (and a NaN as -1). */
 extern "C" __global__ void pack_signs(const float *__restrict__ x, word_t *__restrict__ out,
                                       int rows, int k)
 {
-    const int kw = (k + 63) / 64, lane = threadIdx.x % 32;
-    const long long w = warp_word((long long)rows * kw);
-    if (w < 0)
+    slot s;
+    if (!warp_slot(rows, k, &s))
         return;
-    const long long row = w / kw;
-    const int c = (int)(w % kw) * 64 + lane;
-    const float *r = x + row * k;
-    const word_t word = ballot_word(c < k && r[c] >= 0.0f, c + 32 < k && r[c + 32] >= 0.0f);
-    if (lane == 0)
-        out[w] = word;
+    const float *r = x + s.row * k;
+    const word_t word = ballot_word(s.c < k && r[s.c] >= 0.0f,
+                                    s.c + 32 < k && r[s.c + 32] >= 0.0f);
+    if (first_lane())
+        out[s.w] = word;
 }
 
 /* out (rows x nw) = the next layer's packed input from the accumulators d
@@ -52,17 +66,14 @@ extern "C" __global__ void pack_signs(const float *__restrict__ x, word_t *__res
 extern "C" __global__ void fire(const int *__restrict__ d, const int *__restrict__ threshold,
                                 word_t *__restrict__ out, int rows, int n)
 {
-    const int nw = (n + 63) / 64, lane = threadIdx.x % 32;
-    const long long w = warp_word((long long)rows * nw);
-    if (w < 0)
+    slot s;
+    if (!warp_slot(rows, n, &s))
         return;
-    const long long row = w / nw;
-    const int c = (int)(w % nw) * 64 + lane;
-    const int *r = d + row * n;
-    const word_t word = ballot_word(c < n && r[c] >= threshold[c],
-                                    c + 32 < n && r[c + 32] >= threshold[c + 32]);
-    if (lane == 0)
-        out[w] = word;
+    const int *r = d + s.row * n;
+    const word_t word = ballot_word(s.c < n && r[s.c] >= threshold[s.c],
+                                    s.c + 32 < n && r[s.c + 32] >= threshold[s.c + 32]);
+    if (first_lane())
+        out[s.w] = word;
 }
 
 /* out (8 rows x kw) = the 8 bit planes of uint8 rows (rows x k): row 8 i + p
@@ -71,18 +82,15 @@ extern "C" __global__ void fire(const int *__restrict__ d, const int *__restrict
 extern "C" __global__ void pack_planes(const unsigned char *__restrict__ pixels,
                                        word_t *__restrict__ out, int rows, int k)
 {
-    const int kw = (k + 63) / 64, lane = threadIdx.x % 32;
-    const long long w = warp_word((long long)rows * kw);
-    if (w < 0)
+    slot s;
+    if (!warp_slot(rows, k, &s))
         return;
-    const long long row = w / kw;
-    const int c = (int)(w % kw) * 64 + lane;
-    const unsigned char *r = pixels + row * k;
-    const unsigned lo = c < k ? r[c] : 0u, hi = c + 32 < k ? r[c + 32] : 0u;
+    const unsigned char *r = pixels + s.row * k;
+    const unsigned lo = s.c < k ? r[s.c] : 0u, hi = s.c + 32 < k ? r[s.c + 32] : 0u;
 #pragma unroll
     for (int p = 0; p < 8; p++) {
         const word_t word = ballot_word(lo >> p & 1u, hi >> p & 1u);
-        if (lane == 0)
-            out[(8 * row + p) * kw + w % kw] = word;
+        if (first_lane())
+            out[(8 * s.row + p) * s.kw + s.w % s.kw] = word;
     }
 }
