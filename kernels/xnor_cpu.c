@@ -351,19 +351,19 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     (K = 784 bits is 13 steps).  This doubled the speed at K = 784.
  *     From HS_MIN_WORDS words on, a Harley-Seal variant counts 4 steps
  *     with 3 carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8
- *     tile that keeps all its counters in registers.
+ *     tile that keeps all its counters in registers, over copies of A and
+ *     B in "pair form" that save one op in seven.
  *     Tried and dropped: a fifth row of A counted by scalar popcnt on the
  *     idle integer pipes (faster on one thread, no faster on two); two
  *     more columns counted that way beside the 1 x 8 Harley-Seal tile
  *     (0.86x per word pair); an 8-step Harley-Seal fold (0.95x, more
  *     running vectors; level with the 4-step fold after the reordering
- *     described at micro_kernel_hs); feeding
- *     each CSA v0 and v0 XOR v1, read from copies of A and B with every
- *     odd word XORed with the word before (6 ops instead of 7 per two
- *     steps, yet 0.95x); a vertical (bit-sliced) count, 256 outputs a
- *     vector, over B transposed and stored with its complement so that no
- *     XOR is needed (1.04-1.15x the Harley-Seal kernel in L1, before the
- *     cost of turning its bit-plane counters back into integers);
+ *     described at micro_kernel_hs); a vertical (bit-sliced) count, 256
+ *     outputs a vector, over B transposed and stored with its complement
+ *     so that no XOR is needed (1.04-1.15x the Harley-Seal kernel in L1,
+ *     before the cost of turning its bit-plane counters back into
+ *     integers); tiles of 2, 3 or 5 rows of A in the lookup kernel
+ *     (0.72-0.94x); non-temporal stores of large outputs (1.01-1.03x);
  *     prefetching the next B panel (no gain).
  *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
  *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
@@ -432,6 +432,7 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
 typedef struct {
     const word_t *a, *b;
     const word_t *b4;           /* B interleaved by 4 rows (AVX2), or NULL */
+    const word_t *a2;           /* A in pair form for the Harley-Seal kernel, or NULL */
     const uint8_t *pixels;      /* planes == 8, AVX2: A as pixel bytes, or NULL */
     const uint8_t *masks;       /* ... and B as byte masks (kw * 64 bytes a row) */
     const int32_t *threshold;   /* NULL: store dot products */
@@ -557,7 +558,7 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
 
 /* ---- The AVX2 tile kernel, on B interleaved by 4 rows.
  *
- * B is first copied (interleave_b, once per call, in parallel) into groups
+ * B is first copied (make_copies, once per call, in parallel) into groups
  * of 4 rows, word by word: group g holds, for k = 0 .. KW - 1, the 4 words
  * b[4g][k] b[4g+1][k] b[4g+2][k] b[4g+3][k] as one 256-bit vector (rows
  * past N are zero; their results are never used).  A step of the kernel
@@ -569,9 +570,10 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
  * BYTE_STEPS steps) leaves each pair's sum in its own lane: no horizontal
  * sum and no K tail at all (K = 784 bits is 13 steps, not 4 vectors of which
  * the last is 1/4 full).  The 4 x 8 tile is stored as four 256-bit rows.
- * It gets at most BYTE_STEPS steps (longer slices go to the Harley-Seal
- * kernel, below), so its byte counters are widened once, at the end,
- * straight into the tile.  At K = 784 (13 steps a call) the work a call
+ * It gets rows of fewer than HS_MIN_WORDS words, at most BYTE_STEPS steps
+ * (longer rows go to the Harley-Seal kernel, below), so its byte counters
+ * are widened once, at the end, straight into the tile.  At K = 784
+ * (13 steps a call) the work a call
  * does outside its step loop counts: an earlier version that also carried
  * 64-bit sums across runs of BYTE_STEPS (zeroed and kept on the stack on
  * every call) ran 0.91-0.95x as fast in the whole GEMM. */
@@ -596,9 +598,10 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group
                   c + i * ldc, first);
 }
 
-/* ---- The AVX2 Harley-Seal kernel, for slices of HS_MIN_WORDS words or
- * more: one row of A against 8 rows of B (two interleaved groups), fewer
- * ops per word pair than the lookup.
+/* ---- The AVX2 Harley-Seal kernel, for rows of HS_MIN_WORDS words or
+ * more (all their K slices, the last one however short): one row of A
+ * against 8 rows of B (two interleaved groups), fewer ops per word pair
+ * than the lookup.
  *
  * The lookup costs 7 ops per vector (and, shift, and, two vpshufb, two
  * adds) after the xor.  A carry-save adder (CSA, 5 ops, no lookup) turns
@@ -627,8 +630,20 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group
  * words of A are live at a time.  Broadcasting all 4 steps first and doing
  * one half after the other left gcc too few registers, and it spilled the
  * byte counters to the stack: the pairwise order ran 1.05-1.07x faster in
- * the whole GEMM (Zen 3, the two builds timed in turn). */
+ * the whole GEMM (Zen 3, the two builds timed in turn).
+ * Pair form: the CSA that takes two new steps needs their sum bit
+ * v0 ^ v1 and their carry, and with d = v0 ^ v1 it is
+ *     ones' = ones ^ d,    carry = v0 ^ ((ones ^ v0) & d)
+ * (where v0 = v1, d = 0 and the carry is v0; elsewhere it is ones): 6 ops
+ * with the xor for v0 and the one for d, against 7.  d costs one xor
+ * because d = (a0 ^ a1) ^ (b0 ^ b1): A and B are copied once per call in
+ * "pair form", every odd word k of a row holding w[k - 1] ^ w[k] (a2 and
+ * b4; K slices start at even words, KC being even).  24 ops per 4 steps
+ * instead of 26: 1.07x the word pairs per second on a 32 x 128 block in
+ * L1 (Zen 3), 1.03-1.09x in the whole GEMM.  The steps left over at the
+ * end of a slice (at most 3) undo the pair form of their odd word. */
 #define HS_MIN_WORDS 32
+_Static_assert(KC % 2 == 0, "K slices start at even words (pair form)");
 _Static_assert(HS_MIN_WORDS - 1 <= BYTE_STEPS, "the lookup kernel widens its byte counters once");
 
 static inline void csa(__m256i *high, __m256i *low, __m256i a, __m256i b, __m256i c)
@@ -636,6 +651,13 @@ static inline void csa(__m256i *high, __m256i *low, __m256i a, __m256i b, __m256
     __m256i u = _mm256_xor_si256(a, b);
     *high = _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(u, c));
     *low = _mm256_xor_si256(u, c);
+}
+
+/* CSA(a, v0, v1) given v0 and d = v0 ^ v1 (pair form, above). */
+static inline void csa_pair(__m256i *high, __m256i *low, __m256i a, __m256i v0, __m256i d)
+{
+    *low = _mm256_xor_si256(a, d);
+    *high = _mm256_xor_si256(v0, _mm256_and_si256(_mm256_xor_si256(a, v0), d));
 }
 
 __attribute__((noinline))
@@ -649,11 +671,11 @@ static void micro_kernel_hs(const word_t *a, const word_t *b4, long group_stride
         __m256i twos_ab[2][2];      /* [half][a or b] */
         for (int t = 0; t < 2; t++) {
             __m256i a0 = _mm256_set1_epi64x((long long)a[k + 2 * t]);
-            __m256i a1 = _mm256_set1_epi64x((long long)a[k + 2 * t + 1]);
+            __m256i a01 = _mm256_set1_epi64x((long long)a[k + 2 * t + 1]);    /* a0 ^ a1 */
             for (int h = 0; h < 2; h++) {
                 const word_t *bp = b4 + h * group_stride + 4 * (k + 2 * t);
-                csa(&twos_ab[h][t], &ones[h], ones[h], _mm256_xor_si256(a0, load_4_words(bp)),
-                    _mm256_xor_si256(a1, load_4_words(bp + 4)));
+                csa_pair(&twos_ab[h][t], &ones[h], ones[h], _mm256_xor_si256(a0, load_4_words(bp)),
+                         _mm256_xor_si256(a01, load_4_words(bp + 4)));
             }
         }
         for (int h = 0; h < 2; h++) {
@@ -666,10 +688,17 @@ static void micro_kernel_hs(const word_t *a, const word_t *b4, long group_stride
     for (int h = 0; h < 2; h++) {
         /* 4 pop(fours) + 2 pop(twos) + pop(ones) + the last 0 - 3 steps; the
          * byte counts of the last three stay under 8 + 8 + 24 */
+        const word_t *bh = b4 + h * group_stride;
         __m256i rest = add_byte_popcounts(zero, ones[h]);
-        for (long kk = k; kk < n; kk++)
-            rest = add_byte_popcounts(rest, _mm256_xor_si256(
-                _mm256_set1_epi64x((long long)a[kk]), load_4_words(b4 + h * group_stride + 4 * kk)));
+        for (long kk = k; kk < n; kk++) {
+            word_t ak = a[kk];
+            __m256i bk = load_4_words(bh + 4 * kk);
+            if (kk % 2 == 1) {              /* an odd word: undo the pair form */
+                ak ^= a[kk - 1];
+                bk = _mm256_xor_si256(bk, load_4_words(bh + 4 * (kk - 1)));
+            }
+            rest = add_byte_popcounts(rest, _mm256_xor_si256(_mm256_set1_epi64x((long long)ak), bk));
+        }
         __m256i twos_count = _mm256_sad_epu8(add_byte_popcounts(zero, twos[h]), zero);
         sum[h] = _mm256_add_epi64(_mm256_slli_epi64(_mm256_sad_epu8(bytes[h], zero), 2),
                                   _mm256_add_epi64(_mm256_slli_epi64(twos_count, 1),
@@ -873,7 +902,7 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
     long kw = g->kw, j = n0;
     for (; j + NR <= n1; j += NR)
         for (long i = m0; i < m1; i++)
-            micro_kernel_hs(g->a + i * kw + k0, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc,
+            micro_kernel_hs(g->a2 + i * kw + k0, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc,
                             pop + (i - m0) * NB + (j - n0), k0 == 0);
     if (j < n1)
         edge_kernel(g->a + m0 * kw + k0, g->b + j * kw + k0, kw, kc, pop + (j - n0), NB,
@@ -888,7 +917,7 @@ static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
     long kw = g->kw;
     int first = k0 == 0;
 #if defined(INTERLEAVED_B)
-    if (kc >= HS_MIN_WORDS && g->b4 != NULL) {
+    if (g->a2 != NULL) {            /* rows of HS_MIN_WORDS words or more */
         tile_block_hs(g, pop, m0, m1, n0, n1, k0, kc);
         return;
     }
@@ -993,41 +1022,65 @@ static void advise_huge_pages(void *p, size_t bytes)
 }
 
 #if defined(INTERLEAVED_B)
-/* B (n x kw words) interleaved by groups of 4 rows, for the AVX2 tile
- * kernel (layout in its comment), or NULL if memory is short. */
+/* The AVX2 kernels' copies of the operands, made once per call in
+ * parallel: B (n x kw words) interleaved by groups of 4 rows (layout at
+ * the tile kernel), and for rows of HS_MIN_WORDS words or more, when the
+ * Harley-Seal kernel runs, both B's copy and A's (a2) in pair form. */
 typedef struct {
-    const word_t *b;
-    word_t *b4;
-    long n, kw;
-} interleave_args;
+    const word_t *a, *b;
+    word_t *a2, *b4;
+    long m, n, kw, b_tasks;
+    int pairs;
+} copies_args;
 
-#define INTERLEAVE_GROUPS_PER_TASK 16
+#define GROUPS_PER_TASK 16      /* of B's groups of 4 rows */
+#define A_ROWS_PER_TASK 64
 
-static void interleave_task(const void *ctx, long task)
+/* Word k of a row, or in pair form (odd k: the word XOR the one before). */
+static inline word_t copy_word(const word_t *row, long k, int pairs)
 {
-    const interleave_args *p = (const interleave_args *)ctx;
-    long groups = (p->n + 3) / 4, g_end = (task + 1) * INTERLEAVE_GROUPS_PER_TASK;
-    for (long g = task * INTERLEAVE_GROUPS_PER_TASK; g < g_end && g < groups; g++) {
-        word_t *out = p->b4 + g * 4 * p->kw;
-        for (int r = 0; r < 4; r++) {
-            long row = 4 * g + r;
-            for (long k = 0; k < p->kw; k++)
-                out[4 * k + r] = row < p->n ? p->b[row * p->kw + k] : 0;
-        }
-    }
+    return pairs && k % 2 == 1 ? row[k] ^ row[k - 1] : row[k];
 }
 
-static word_t *interleave_b(const word_t *b, long n, long kw, int n_threads)
+static void copies_task(const void *ctx, long task)
 {
-    long groups = (n + 3) / 4;
-    size_t bytes = ((size_t)groups * 4 * kw * sizeof(word_t) + 63) & ~(size_t)63;
-    word_t *b4 = aligned_alloc(64, bytes);
-    if (b4 != NULL) {
-        interleave_args p = {b, b4, n, kw};
-        run_parallel(interleave_task, &p,
-                     (groups + INTERLEAVE_GROUPS_PER_TASK - 1) / INTERLEAVE_GROUPS_PER_TASK, n_threads);
+    const copies_args *p = (const copies_args *)ctx;
+    if (task < p->b_tasks) {
+        long groups = (p->n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
+        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++) {
+            word_t *out = p->b4 + g * 4 * p->kw;
+            for (int r = 0; r < 4; r++) {
+                long row = 4 * g + r;
+                for (long k = 0; k < p->kw; k++)
+                    out[4 * k + r] = row < p->n ? copy_word(p->b + row * p->kw, k, p->pairs) : 0;
+            }
+        }
+        return;
     }
-    return b4;
+    long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK;
+    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < p->m; r++)
+        for (long k = 0; k < p->kw; k++)
+            p->a2[r * p->kw + k] = copy_word(p->a + r * p->kw, k, 1);
+}
+
+/* Fills g->b4 and, where the Harley-Seal kernel runs, g->a2, in one
+ * allocation, which it returns for the caller to free; NULL (and both
+ * left NULL) if memory is short. */
+static word_t *make_copies(gemm_args *g, int n_threads)
+{
+    long groups = (g->n + 3) / 4;
+    int pairs = g->kw >= HS_MIN_WORDS;
+    size_t b_words = (size_t)groups * 4 * g->kw, a_words = pairs ? (size_t)g->m * g->kw : 0;
+    word_t *buffer = aligned_alloc(64, ((b_words + a_words) * sizeof(word_t) + 63) & ~(size_t)63);
+    if (buffer == NULL)
+        return NULL;
+    copies_args p = {g->a, g->b, pairs ? buffer + b_words : NULL, buffer, g->m, g->n, g->kw,
+                     (groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK, pairs};
+    long a_tasks = pairs ? (g->m + A_ROWS_PER_TASK - 1) / A_ROWS_PER_TASK : 0;
+    run_parallel(copies_task, &p, p.b_tasks + a_tasks, n_threads);
+    g->b4 = buffer;
+    g->a2 = p.a2;
+    return buffer;
 }
 #endif
 
@@ -1120,28 +1173,27 @@ void bnn_use_work_buffers(int on)
 void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
                    long planes, const int32_t *threshold, void *out, int n_threads)
 {
-    gemm_args g = {a, b, NULL, NULL, NULL, threshold, out, m * planes, n, k, (k + 63) / 64,
+    gemm_args g = {a, b, NULL, NULL, NULL, NULL, threshold, out, m * planes, n, k, (k + 63) / 64,
                    planes, (m * planes + MB - 1) / MB};
     uint8_t *pixels = NULL, *masks = NULL;
     long n_tasks = g.m_blocks * ((n + NB - 1) / NB);
-    word_t *b4 = NULL;
+    word_t *copies = NULL;
     if (m == 0 || n == 0)
         return;
     advise_huge_pages(out, threshold == NULL ? (size_t)m * n * sizeof(int32_t)
                                              : (size_t)m * ((n + 63) / 64) * sizeof(word_t));
 #if defined(INTERLEAVED_B)
     if (planes == 1 && use_work_buffers)
-        b4 = interleave_b(b, n, g.kw, n_threads);  /* NULL (no memory): edge kernels */
+        copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */
 #endif
 #if defined(BYTE_PLANES)
     if (planes == PLANES && use_work_buffers)
         byte_planes_and_masks(a, b, m, n, g.kw, &pixels, &masks, n_threads);
 #endif
-    g.b4 = b4;
     g.pixels = pixels;
     g.masks = masks;
     run_parallel(gemm_task, &g, n_tasks, n_threads);
-    free(b4);
+    free(copies);
     free(pixels);
     free(masks);
 }

@@ -90,6 +90,8 @@ SHAPES = [
     (33, 200, 130),     # M, N past the block sizes (MB = 32, NB = 128)
     (7, 4096, 9),       # the paper's width; N % 8 = 1 column for the edge kernel
     (9, 2240 - 5, 17),  # 35 words: the AVX2 Harley-Seal kernel with 3 steps left over
+    (6, 64 * 34 - 3, 9),  # 34 words: 2 left over, the odd one in pair form
+    (4, 64 * 126 - 1, 12),  # a last K slice of 2 words: no group of 4, only the left-overs
     (5, 8192 + 130, 13),  # more than one K slice (KC = 124 words), the last one short
     (0, 10, 3), (3, 10, 0),
 ]
