@@ -36,6 +36,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <time.h>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -363,8 +364,7 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     so that no XOR is needed (1.04-1.15x the Harley-Seal kernel in L1,
  *     before the cost of turning its bit-plane counters back into
  *     integers); tiles of 2, 3 or 5 rows of A in the lookup kernel
- *     (0.72-0.94x); non-temporal stores of large outputs (1.01-1.03x);
- *     prefetching the next B panel (no gain).
+ *     (0.72-0.94x); prefetching the next B panel (no gain).
  *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
  *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
  * The AVX-512 kernel reads the last partial vector of a row with a masked
@@ -406,7 +406,10 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *
  * Epilogue, once per block, after the last K slice:
  *   - without a threshold, the int32 dot products are stored (M x N), by a
- *     loop gcc vectorizes;
+ *     loop gcc vectorizes; an output larger than the last-level cache
+ *     cannot stay cached anyway, and with AVX2 it is written with
+ *     non-temporal stores, which skip reading each line before writing
+ *     it (1.01-1.08x for the 64 and 164 MB outputs of --bench);
  *   - with one, each unit j fires (+1, bit set) where dot >= threshold[j],
  *     and the bits are packed straight into M x ceil(N / 64) words: the next
  *     layer's packed input, with no int32 matrix in between (AVX2: 8 tests
@@ -439,6 +442,7 @@ typedef struct {
     void *out;
     long m, n, k, kw, planes;   /* m counts rows of A */
     long m_blocks;
+    int stream;                 /* int32 output written by non-temporal stores */
 } gemm_args;
 
 static inline long popcount_word(word_t x)
@@ -882,7 +886,16 @@ static void epilogue(const gemm_args *g, const int32_t *pop,
         const int32_t *p = pop + (r - r0) * NB - n0;
         if (g->threshold == NULL) {
             int32_t *c = (int32_t *)g->out + r * g->n;
-            for (long j = n0; j < n1; j++)      /* vectorized by gcc */
+            long j = n0;
+#if defined(__AVX2__)
+            if (g->stream && (uintptr_t)(c + j) % 32 == 0)
+                for (; j + 8 <= n1; j += 8) {
+                    __m256i pj = _mm256_loadu_si256((const __m256i *)(p + j));
+                    _mm256_stream_si256((__m256i *)(c + j),
+                                        _mm256_sub_epi32(_mm256_set1_epi32(base), _mm256_add_epi32(pj, pj)));
+                }
+#endif
+            for (; j < n1; j++)                 /* vectorized by gcc */
                 c[j] = base - 2 * p[j];
             continue;
         }
@@ -999,6 +1012,38 @@ static void gemm_task(const void *ctx, long task)
             plane_block(g, pop, m0, m1, n0, n1, k0, kc);
     }
     epilogue(g, pop, m0 / g->planes, m1 / g->planes, n0, n1);
+#if defined(__AVX2__)
+    if (g->stream)
+        _mm_sfence();       /* this thread's streamed lines, out before the job ends */
+#endif
+}
+
+/* The size in bytes of the L3 cache that this core shares, for the
+ * epilogue's choice of stores; 32 MiB where the system does not say.  (On
+ * the EPYC this was written on, sysconf's _SC_LEVEL3_CACHE_SIZE gave the
+ * whole package's 256 MiB, not the 32 MiB one core can use; sysfs gives
+ * the latter.)  Read once. */
+static size_t llc_bytes;
+static pthread_once_t llc_once = PTHREAD_ONCE_INIT;
+
+static void read_last_level_cache(void)
+{
+    long kib = 0;
+#if defined(__linux__)
+    FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+    if (f != NULL) {
+        if (fscanf(f, "%ldK", &kib) != 1)
+            kib = 0;
+        fclose(f);
+    }
+#endif
+    llc_bytes = kib > 0 ? (size_t)kib << 10 : (size_t)32 << 20;
+}
+
+static size_t last_level_cache(void)
+{
+    pthread_once(&llc_once, read_last_level_cache);
+    return llc_bytes;
 }
 
 /* A large output is fresh memory from PyTorch's allocator, mapped in 4 KiB
@@ -1164,6 +1209,15 @@ void bnn_use_work_buffers(int on)
     use_work_buffers = on;
 }
 
+/* For the tests: 1 streams every int32 output, 0 none, -1 (the default)
+ * those larger than the last-level cache. */
+static int stream_outputs = -1;
+
+void bnn_stream_outputs(int mode)
+{
+    stream_outputs = mode;
+}
+
 /*
  * a: (m * planes) x kw words, b: n x kw words, both packed along K.
  * threshold == NULL: out is m x n int32 dot products;
@@ -1174,14 +1228,17 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
                    long planes, const int32_t *threshold, void *out, int n_threads)
 {
     gemm_args g = {a, b, NULL, NULL, NULL, NULL, threshold, out, m * planes, n, k, (k + 63) / 64,
-                   planes, (m * planes + MB - 1) / MB};
+                   planes, (m * planes + MB - 1) / MB, 0};
     uint8_t *pixels = NULL, *masks = NULL;
     long n_tasks = g.m_blocks * ((n + NB - 1) / NB);
     word_t *copies = NULL;
     if (m == 0 || n == 0)
         return;
-    advise_huge_pages(out, threshold == NULL ? (size_t)m * n * sizeof(int32_t)
-                                             : (size_t)m * ((n + 63) / 64) * sizeof(word_t));
+    size_t out_bytes = threshold == NULL ? (size_t)m * n * sizeof(int32_t)
+                                         : (size_t)m * ((n + 63) / 64) * sizeof(word_t);
+    advise_huge_pages(out, out_bytes);
+    g.stream = threshold == NULL && (stream_outputs < 0 ? out_bytes > last_level_cache()
+                                                        : stream_outputs);
 #if defined(INTERLEAVED_B)
     if (planes == 1 && use_work_buffers)
         copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */

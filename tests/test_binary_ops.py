@@ -222,6 +222,19 @@ def test_each_micro_kernel_variant(tmp_path, variant):
     finally:
         lib.bnn_use_work_buffers(1)
 
+    # the output written by non-temporal stores (AVX2; what outputs larger
+    # than the last-level cache get), with rows that start 32-byte aligned
+    # (N = 136) and rows that do not (N = 131)
+    lib.bnn_stream_outputs(1)
+    try:
+        for n in (131, 136):
+            b_n = torch.cat([b, b[:, :5]], dim=1)[:, :n]
+            out = cpu_kernels.xnor_gemm(lib, a_words, cpu_kernels.pack(lib, b_n.T.contiguous()),
+                                        a.shape[1], 1)
+            assert torch.equal(out.float(), reference_matmul(a, b_n))
+    finally:
+        lib.bnn_stream_outputs(-1)
+
 
 @needs_c
 @pytest.mark.parametrize("flags", [["-march=native", "-Wall", "-Wextra", "-Werror"],
