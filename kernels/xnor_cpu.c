@@ -380,12 +380,8 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  * measured no better.)  KC = 124 keeps a slice within 31 groups of 4
  * words, so the Harley-Seal kernel's byte counters never need widening
  * inside a call.  Tasks are numbered so that consecutive ones share the
- * same B panel.  The sums of successive K slices add up in the task's
- * block of the int32 output itself, or (bit planes, thresholds, streamed
- * outputs: below) in a per-task MB x NB scratch block (16 KiB) on the
- * stack.  Writing the output as the kernels go, rather than all at the
- * end of the task, lets its cache misses overlap the counting (1.01-1.03x
- * on the bench's shapes).
+ * same B panel.  The sums of successive K slices add up in a per-task
+ * MB x NB scratch block (16 KiB) on the stack.
  *
  * Tails: rows of A or B left over at the block edge (M % MR, N % NR) go
  * through a plain dot product one pair at a time; K tails need nothing
@@ -409,12 +405,11 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  * a block never splits an image's planes.
  *
  * Epilogue, once per block, after the last K slice:
- *   - without a threshold, the popcounts in the output become the int32
- *     dot products (M x N) in place, by a loop gcc vectorizes.  An output
- *     larger than the last-level cache cannot stay cached anyway: it is
- *     counted in the scratch block and, with AVX2, written once with
- *     non-temporal stores, which skip reading each line before writing it
- *     (1.01-1.08x for the 64 and 164 MB outputs of --bench);
+ *   - without a threshold, the int32 dot products are stored (M x N), by a
+ *     loop gcc vectorizes; an output larger than the last-level cache
+ *     cannot stay cached anyway, and with AVX2 it is written with
+ *     non-temporal stores, which skip reading each line before writing
+ *     it (1.01-1.08x for the 64 and 164 MB outputs of --bench);
  *   - with one, each unit j fires (+1, bit set) where dot >= threshold[j],
  *     and the bits are packed straight into M x ceil(N / 64) words: the next
  *     layer's packed input, with no int32 matrix in between (AVX2: 8 tests
@@ -448,7 +443,6 @@ typedef struct {
     long m, n, k, kw, planes;   /* m counts rows of A */
     long m_blocks;
     int stream;                 /* int32 output written by non-temporal stores */
-    int direct;                 /* int32 output used as the popcount block */
 } gemm_args;
 
 static inline long popcount_word(word_t x)
@@ -883,13 +877,13 @@ static word_t fire_word(int32_t base, const int32_t *pop, const int32_t *thresho
 
 /* Rows r0 .. r1 - 1 and columns n0 .. n1 - 1 of the output, from the
  * block's weighted popcounts (row-major, NB per row). */
-static void epilogue(const gemm_args *g, const int32_t *pop, long ldp,
+static void epilogue(const gemm_args *g, const int32_t *pop,
                      long r0, long r1, long n0, long n1)
 {
     long n_words = (g->n + 63) / 64;
     int32_t base = dot_base(g);
     for (long r = r0; r < r1; r++) {
-        const int32_t *p = pop + (r - r0) * ldp - n0;
+        const int32_t *p = pop + (r - r0) * NB - n0;
         if (g->threshold == NULL) {
             int32_t *c = (int32_t *)g->out + r * g->n;
             long j = n0;
@@ -915,29 +909,29 @@ static void epilogue(const gemm_args *g, const int32_t *pop, long ldp,
 /* One K slice of a block by the Harley-Seal kernel: panel by panel of 8
  * rows of B (kept in L1 while every row of the block's A passes), then the
  * last n % 8 columns by the edge kernel. */
-static void tile_block_hs(const gemm_args *g, int32_t *pop, long ldp, long m0, long m1,
+static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
                           long n0, long n1, long k0, long kc)
 {
     long kw = g->kw, j = n0;
     for (; j + NR <= n1; j += NR)
         for (long i = m0; i < m1; i++)
             micro_kernel_hs(g->a2 + i * kw + k0, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc,
-                            pop + (i - m0) * ldp + (j - n0), k0 == 0);
+                            pop + (i - m0) * NB + (j - n0), k0 == 0);
     if (j < n1)
-        edge_kernel(g->a + m0 * kw + k0, g->b + j * kw + k0, kw, kc, pop + (j - n0), ldp,
+        edge_kernel(g->a + m0 * kw + k0, g->b + j * kw + k0, kw, kc, pop + (j - n0), NB,
                     m1 - m0, n1 - j, k0 == 0);
 }
 #endif
 
 /* One K slice of a block of the ordinary GEMM: register tiles, then edges. */
-static void tile_block(const gemm_args *g, int32_t *pop, long ldp, long m0, long m1,
+static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
                        long n0, long n1, long k0, long kc)
 {
     long kw = g->kw;
     int first = k0 == 0;
 #if defined(INTERLEAVED_B)
     if (g->a2 != NULL) {            /* rows of HS_MIN_WORDS words or more */
-        tile_block_hs(g, pop, ldp, m0, m1, n0, n1, k0, kc);
+        tile_block_hs(g, pop, m0, m1, n0, n1, k0, kc);
         return;
     }
 #endif
@@ -945,16 +939,16 @@ static void tile_block(const gemm_args *g, int32_t *pop, long ldp, long m0, long
         const word_t *a = g->a + i * kw + k0;
         for (long j = n0; j < n1; j += NR) {
             const word_t *b = g->b + j * kw + k0;
-            int32_t *c = pop + (i - m0) * ldp + (j - n0);
+            int32_t *c = pop + (i - m0) * NB + (j - n0);
 #if defined(INTERLEAVED_B)
             if (i + MR <= m1 && j + NR <= n1 && g->b4 != NULL)
-                micro_kernel(a, kw, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc, c, ldp, first);
+                micro_kernel(a, kw, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc, c, NB, first);
 #else
             if (i + MR <= m1 && j + NR <= n1)
-                micro_kernel(a, b, kw, kc, c, ldp, first);
+                micro_kernel(a, b, kw, kc, c, NB, first);
 #endif
             else
-                edge_kernel(a, b, kw, kc, c, ldp,
+                edge_kernel(a, b, kw, kc, c, NB,
                             m1 - i < MR ? m1 - i : MR,
                             n1 - j < NR ? n1 - j : NR, first);
         }
@@ -1005,22 +999,19 @@ static void plane_block(const gemm_args *g, int32_t *pop, long m0, long m1,
 static void gemm_task(const void *ctx, long task)
 {
     const gemm_args *g = (const gemm_args *)ctx;
-    int32_t scratch[MB * NB];
+    int32_t pop[MB * NB];
     long m0 = (task % g->m_blocks) * MB, n0 = (task / g->m_blocks) * NB;
     long m1 = m0 + MB < g->m ? m0 + MB : g->m;
     long n1 = n0 + NB < g->n ? n0 + NB : g->n;
-    /* the popcounts go to the scratch block, or straight into the output */
-    int32_t *pop = g->direct ? (int32_t *)g->out + m0 * g->n + n0 : scratch;
-    long ldp = g->direct ? g->n : NB;
 
     for (long k0 = 0; k0 < g->kw; k0 += KC) {
         long kc = k0 + KC < g->kw ? KC : g->kw - k0;
         if (g->planes == 1)
-            tile_block(g, pop, ldp, m0, m1, n0, n1, k0, kc);
+            tile_block(g, pop, m0, m1, n0, n1, k0, kc);
         else
             plane_block(g, pop, m0, m1, n0, n1, k0, kc);
     }
-    epilogue(g, pop, ldp, m0 / g->planes, m1 / g->planes, n0, n1);
+    epilogue(g, pop, m0 / g->planes, m1 / g->planes, n0, n1);
 #if defined(__AVX2__)
     if (g->stream)
         _mm_sfence();       /* this thread's streamed lines, out before the job ends */
@@ -1090,42 +1081,31 @@ typedef struct {
 #define GROUPS_PER_TASK 16      /* of B's groups of 4 rows */
 #define A_ROWS_PER_TASK 64
 
-/* Row src (kw words) to out[0], out[stride], ..., in pair form when
- * pair_mask is all ones (odd k: the word XOR the one before).  The caller's
- * sizes are passed in, not read through its struct, so that gcc keeps them
- * in registers across the stores. */
-static void copy_row(word_t *out, long stride, const word_t *src, long kw, word_t pair_mask)
+/* Word k of a row, or in pair form (odd k: the word XOR the one before). */
+static inline word_t copy_word(const word_t *row, long k, int pairs)
 {
-    long k = 0;
-    for (; k + 2 <= kw; k += 2) {
-        out[k * stride] = src[k];
-        out[(k + 1) * stride] = src[k + 1] ^ (src[k] & pair_mask);
-    }
-    if (k < kw)
-        out[k * stride] = src[k];
+    return pairs && k % 2 == 1 ? row[k] ^ row[k - 1] : row[k];
 }
 
 static void copies_task(const void *ctx, long task)
 {
     const copies_args *p = (const copies_args *)ctx;
-    long kw = p->kw;
     if (task < p->b_tasks) {
-        long n = p->n, groups = (n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
-        word_t pair_mask = p->pairs ? ~(word_t)0 : 0;
-        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++)
-            for (long r = 0; r < 4; r++) {
-                word_t *out = p->b4 + g * 4 * kw + r;
-                if (4 * g + r < n)
-                    copy_row(out, 4, p->b + (4 * g + r) * kw, kw, pair_mask);
-                else                    /* rows past N: zero */
-                    for (long k = 0; k < kw; k++)
-                        out[4 * k] = 0;
+        long groups = (p->n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
+        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++) {
+            word_t *out = p->b4 + g * 4 * p->kw;
+            for (int r = 0; r < 4; r++) {
+                long row = 4 * g + r;
+                for (long k = 0; k < p->kw; k++)
+                    out[4 * k + r] = row < p->n ? copy_word(p->b + row * p->kw, k, p->pairs) : 0;
             }
+        }
         return;
     }
-    long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK, m = p->m;
-    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < m; r++)
-        copy_row(p->a2 + r * kw, 1, p->a + r * kw, kw, ~(word_t)0);
+    long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK;
+    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < p->m; r++)
+        for (long k = 0; k < p->kw; k++)
+            p->a2[r * p->kw + k] = copy_word(p->a + r * p->kw, k, 1);
 }
 
 /* Fills g->b4 and, where the Harley-Seal kernel runs, g->a2, in one
@@ -1248,7 +1228,7 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
                    long planes, const int32_t *threshold, void *out, int n_threads)
 {
     gemm_args g = {a, b, NULL, NULL, NULL, NULL, threshold, out, m * planes, n, k, (k + 63) / 64,
-                   planes, (m * planes + MB - 1) / MB, 0, 0};
+                   planes, (m * planes + MB - 1) / MB, 0};
     uint8_t *pixels = NULL, *masks = NULL;
     long n_tasks = g.m_blocks * ((n + NB - 1) / NB);
     word_t *copies = NULL;
@@ -1259,7 +1239,6 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
     advise_huge_pages(out, out_bytes);
     g.stream = threshold == NULL && (stream_outputs < 0 ? out_bytes > last_level_cache()
                                                         : stream_outputs);
-    g.direct = threshold == NULL && planes == 1 && !g.stream;
 #if defined(INTERLEAVED_B)
     if (planes == 1 && use_work_buffers)
         copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */
