@@ -1081,31 +1081,42 @@ typedef struct {
 #define GROUPS_PER_TASK 16      /* of B's groups of 4 rows */
 #define A_ROWS_PER_TASK 64
 
-/* Word k of a row, or in pair form (odd k: the word XOR the one before). */
-static inline word_t copy_word(const word_t *row, long k, int pairs)
+/* Row src (kw words) to out[0], out[stride], ..., in pair form when
+ * pair_mask is all ones (odd k: the word XOR the one before).  The caller's
+ * sizes are passed in, not read through its struct, so that gcc keeps them
+ * in registers across the stores. */
+static void copy_row(word_t *out, long stride, const word_t *src, long kw, word_t pair_mask)
 {
-    return pairs && k % 2 == 1 ? row[k] ^ row[k - 1] : row[k];
+    long k = 0;
+    for (; k + 2 <= kw; k += 2) {
+        out[k * stride] = src[k];
+        out[(k + 1) * stride] = src[k + 1] ^ (src[k] & pair_mask);
+    }
+    if (k < kw)
+        out[k * stride] = src[k];
 }
 
 static void copies_task(const void *ctx, long task)
 {
     const copies_args *p = (const copies_args *)ctx;
+    long kw = p->kw;
     if (task < p->b_tasks) {
-        long groups = (p->n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
-        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++) {
-            word_t *out = p->b4 + g * 4 * p->kw;
-            for (int r = 0; r < 4; r++) {
-                long row = 4 * g + r;
-                for (long k = 0; k < p->kw; k++)
-                    out[4 * k + r] = row < p->n ? copy_word(p->b + row * p->kw, k, p->pairs) : 0;
+        long n = p->n, groups = (n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
+        word_t pair_mask = p->pairs ? ~(word_t)0 : 0;
+        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++)
+            for (long r = 0; r < 4; r++) {
+                word_t *out = p->b4 + g * 4 * kw + r;
+                if (4 * g + r < n)
+                    copy_row(out, 4, p->b + (4 * g + r) * kw, kw, pair_mask);
+                else                    /* rows past N: zero */
+                    for (long k = 0; k < kw; k++)
+                        out[4 * k] = 0;
             }
-        }
         return;
     }
-    long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK;
-    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < p->m; r++)
-        for (long k = 0; k < p->kw; k++)
-            p->a2[r * p->kw + k] = copy_word(p->a + r * p->kw, k, 1);
+    long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK, m = p->m;
+    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < m; r++)
+        copy_row(p->a2 + r * kw, 1, p->a + r * kw, kw, ~(word_t)0);
 }
 
 /* Fills g->b4 and, where the Harley-Seal kernel runs, g->a2, in one
