@@ -1,3 +1,4 @@
 """Hand-written kernels of BinaryNet's 1-bit run time and their loaders:
 xnor_cpu.c (pack, XNOR GEMM, baseline GEMM; cpu.py builds and calls it) and
-xnor_gemm_tc.cu, xnor_gemm.cu, baseline_gemm.cu (cuda.py compiles them with NVRTC)."""
+xnor_gemm_tc.cu, xnor_gemm.cu, pack.cu, baseline_gemm.cu (cuda.py compiles them
+with NVRTC)."""

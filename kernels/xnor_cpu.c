@@ -577,10 +577,10 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
  * It gets rows of fewer than HS_MIN_WORDS words, at most BYTE_STEPS steps
  * (longer rows go to the Harley-Seal kernel, below), so its byte counters
  * are widened once, at the end, straight into the tile.  At K = 784
- * (13 steps a call) the work a call
- * does outside its step loop counts: an earlier version that also carried
- * 64-bit sums across runs of BYTE_STEPS (zeroed and kept on the stack on
- * every call) ran 0.91-0.95x as fast in the whole GEMM. */
+ * (13 steps a call) the work a call does outside its step loop counts: an
+ * earlier version that also carried 64-bit sums across runs of BYTE_STEPS
+ * (zeroed and kept on the stack on every call) ran 0.91-0.95x as fast in
+ * the whole GEMM. */
 __attribute__((noinline))
 static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group_stride,
                          long n, int32_t *c, long ldc, int first)
@@ -888,12 +888,14 @@ static void epilogue(const gemm_args *g, const int32_t *pop,
             int32_t *c = (int32_t *)g->out + r * g->n;
             long j = n0;
 #if defined(__AVX2__)
-            if (g->stream && (uintptr_t)(c + j) % 32 == 0)
+            if (g->stream && (uintptr_t)(c + j) % 32 == 0) {
+                const __m256i vbase = _mm256_set1_epi32(base);
                 for (; j + 8 <= n1; j += 8) {
                     __m256i pj = _mm256_loadu_si256((const __m256i *)(p + j));
                     _mm256_stream_si256((__m256i *)(c + j),
-                                        _mm256_sub_epi32(_mm256_set1_epi32(base), _mm256_add_epi32(pj, pj)));
+                                        _mm256_sub_epi32(vbase, _mm256_add_epi32(pj, pj)));
                 }
+            }
 #endif
             for (; j < n1; j++)                 /* vectorized by gcc */
                 c[j] = base - 2 * p[j];
@@ -1073,9 +1075,8 @@ static void advise_huge_pages(void *p, size_t bytes)
  * Harley-Seal kernel runs, both B's copy and A's (a2) in pair form. */
 typedef struct {
     const word_t *a, *b;
-    word_t *a2, *b4;
+    word_t *a2, *b4;            /* a2: NULL unless in pair form (both) */
     long m, n, kw, b_tasks;
-    int pairs;
 } copies_args;
 
 #define GROUPS_PER_TASK 16      /* of B's groups of 4 rows */
@@ -1102,7 +1103,7 @@ static void copies_task(const void *ctx, long task)
     long kw = p->kw;
     if (task < p->b_tasks) {
         long n = p->n, groups = (n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
-        word_t pair_mask = p->pairs ? ~(word_t)0 : 0;
+        word_t pair_mask = p->a2 != NULL ? ~(word_t)0 : 0;
         for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++)
             for (long r = 0; r < 4; r++) {
                 word_t *out = p->b4 + g * 4 * kw + r;
@@ -1131,7 +1132,7 @@ static word_t *make_copies(gemm_args *g, int n_threads)
     if (buffer == NULL)
         return NULL;
     copies_args p = {g->a, g->b, pairs ? buffer + b_words : NULL, buffer, g->m, g->n, g->kw,
-                     (groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK, pairs};
+                     (groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK};
     long a_tasks = pairs ? (g->m + A_ROWS_PER_TASK - 1) / A_ROWS_PER_TASK : 0;
     run_parallel(copies_task, &p, p.b_tasks + a_tasks, n_threads);
     g->b4 = buffer;
