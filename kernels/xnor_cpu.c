@@ -36,6 +36,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <string.h>
 #include <stdio.h>
 #include <time.h>
 #if defined(__linux__)
@@ -344,7 +345,9 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     (vpshufb on the low and the high 4 bits of each byte), byte counts
  *     summed for up to 31 steps (31 * 8 < 256) before vpsadbw widens them.
  *     On a Zen 3 core the lookup ran about 1.6x faster than scalar popcnt:
- *     the vector pipes do 4 word pairs in ~8 ops where popcnt needs 12.
+ *     the vector pipes do 4 word pairs in ~8 ops where popcnt needs 12,
+ *     and in 6 over copies of A and B split into their low and high
+ *     nibbles once per call ("nibble form", at the tile kernel).
  *     The 4 words of a vector are not 4 consecutive words of one row but
  *     word k of 4 rows of B (B interleaved once per call), against word k
  *     of a row of A broadcast: every lane is its own pair, so there is no
@@ -385,10 +388,10 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *
  * Tails: rows of A or B left over at the block edge (M % MR, N % NR) go
  * through a plain dot product one pair at a time; K tails need nothing
- * (zero padding bits, see the top of the file).  The work buffers (B
- * interleaved, the byte-sliced planes) are optional: without them (out of
- * memory, or bnn_use_work_buffers(0) in the tests) the edge kernel and the
- * one-output plane kernel compute everything.
+ * (zero padding bits, see the top of the file).  The work buffers (the
+ * copies of A and B, the byte-sliced planes) are optional: without them
+ * (out of memory, or bnn_use_work_buffers(0) in the tests) the edge kernel
+ * and the one-output plane kernel compute everything.
  *
  * Bit planes (the paper's first layer, s = sum_p 2^p (x^p . w)): with
  * planes = 8, output row i is made of the 8 consecutive rows of A 8 i + p,
@@ -434,8 +437,9 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
 
 typedef struct {
     const word_t *a, *b;
-    const word_t *b4;           /* B interleaved by 4 rows (AVX2), or NULL */
-    const word_t *a2;           /* A in pair form for the Harley-Seal kernel, or NULL */
+    const word_t *b4;           /* AVX2: B interleaved by 4 rows, or NULL (make_copies) */
+    const word_t *a2;           /* AVX2: A in the same form as b4, or NULL */
+    int harley_seal;            /* ... that form: pair (Harley-Seal kernel) or nibble */
     const uint8_t *pixels;      /* planes == 8, AVX2: A as pixel bytes, or NULL */
     const uint8_t *masks;       /* ... and B as byte masks (kw * 64 bytes a row) */
     const int32_t *threshold;   /* NULL: store dot products */
@@ -527,11 +531,18 @@ static inline __m256i load_4_words(const word_t *p)
     return _mm256_loadu_si256((const __m256i *)p);
 }
 
+/* Bits set in each value 0 .. 15, in both 128-bit halves (vpshufb looks
+ * up within each half). */
+static inline __m256i nibble_popcounts(void)
+{
+    return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+}
+
 /* Bits set in each byte of x, added to the byte counters. */
 static inline __m256i add_byte_popcounts(__m256i counts, __m256i x)
 {
-    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i table = nibble_popcounts();
     const __m256i nibble = _mm256_set1_epi8(0x0f);
     __m256i low = _mm256_and_si256(x, nibble);
     __m256i high = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
@@ -560,41 +571,68 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
     _mm256_storeu_si256((__m256i *)c, row);
 }
 
-/* ---- The AVX2 tile kernel, on B interleaved by 4 rows.
+/* ---- The AVX2 tile kernel, on A and B in nibble form, B interleaved by
+ * 4 rows.
  *
- * B is first copied (make_copies, once per call, in parallel) into groups
- * of 4 rows, word by word: group g holds, for k = 0 .. KW - 1, the 4 words
- * b[4g][k] b[4g+1][k] b[4g+2][k] b[4g+3][k] as one 256-bit vector (rows
- * past N are zero; their results are never used).  A step of the kernel
- * takes one word k: it loads the vectors of two groups (8 rows of B) and,
- * for each of 4 rows of A, broadcasts a[i][k] to the 4 lanes, xors and adds
- * the nibble-lookup byte counts into one counter per (row of A, group):
- * 8 counters, 32 word pairs per step, with 6 loads.  Each 64-bit lane of a
- * counter belongs to one (row of A, row of B) pair, so vpsadbw (every
- * BYTE_STEPS steps) leaves each pair's sum in its own lane: no horizontal
- * sum and no K tail at all (K = 784 bits is 13 steps, not 4 vectors of which
- * the last is 1/4 full).  The 4 x 8 tile is stored as four 256-bit rows.
- * It gets rows of fewer than HS_MIN_WORDS words, at most BYTE_STEPS steps
- * (longer rows go to the Harley-Seal kernel, below), so its byte counters
- * are widened once, at the end, straight into the tile.  At K = 784
- * (13 steps a call) the work a call does outside its step loop counts: an
- * earlier version that also carried 64-bit sums across runs of BYTE_STEPS
- * (zeroed and kept on the stack on every call) ran 0.91-0.95x as fast in
- * the whole GEMM. */
+ * Nibble form: a word w is kept as two, its low nibbles w & 0x0f0f...
+ * and its high nibbles (w >> 4) & 0x0f0f..., each nibble in the low half
+ * of its byte: the index vpshufb looks up.  Since (a ^ b) & m =
+ * (a & m) ^ (b & m), and so for the shifted words, the two lookup indices
+ * of a pair are one xor each, and the and, shift and and of the lookup are
+ * paid once per word, in the copy, instead of once per pair: 6 ops per
+ * vector of 4 pairs (2 xors, 2 vpshufb, 2 adds) instead of 8.
+ * A and B are first copied (make_copies, once per call, in parallel) in
+ * that form: a row of A as KW pairs of words (low, high); B in groups of 4
+ * rows, word by word: group g holds, for k = 0 .. KW - 1, the low nibbles
+ * of b[4g][k] .. b[4g+3][k] as one 256-bit vector and their high nibbles as
+ * the next (rows past N are zero; their results are never used).
+ * A step of the kernel takes one word k: for each of 4 rows of A it
+ * broadcasts the two halves of a[i][k] to the 4 lanes and adds the byte
+ * counts of their xor with two groups (8 rows of B) into one counter per
+ * (row of A, group): 8 counters, 32 word pairs per step.  Each 64-bit
+ * lane of a counter belongs to one (row of A, row of B) pair, so vpsadbw
+ * leaves each pair's sum in its own lane: no horizontal sum and no K tail
+ * at all (K = 784 bits is 13 steps, not 4 vectors of which the last is 1/4
+ * full).  The 4 x 8 tile is stored as four 256-bit rows.  It gets rows of
+ * fewer than HS_MIN_WORDS words, at most BYTE_STEPS steps (longer rows go
+ * to the Harley-Seal kernel, below), so its byte counters are widened
+ * once, at the end, straight into the tile.
+ * Registers: 8 counters, the table and 4 temporaries fit in AVX2's 16, but
+ * gcc 12 moved the next row's loads ahead and kept 3 counters on the
+ * stack; the empty asm that claims to change a row's two counters after
+ * their update pins them in registers (no stack traffic in the loop).
+ * Zen 3, in L1, a step took 14.3 cycles against 19.8 for the previous
+ * kernel (the and, shift and and per pair, counters spilled); the whole
+ * GEMM ran 1.13-1.19x as fast at 100 x 784 x 4096 and 1.19-1.26x at
+ * 1000 x 1600 x 1000 on two threads, the copy of B twice as large and all.
+ * At K = 784 (13 steps a call) the work a call does outside its step loop
+ * counts: an earlier version that also carried 64-bit sums across runs of
+ * BYTE_STEPS (zeroed and kept on the stack on every call) ran 0.91-0.95x as
+ * fast in the whole GEMM. */
 __attribute__((noinline))
-static void micro_kernel(const word_t *a, long lda, const word_t *b4, long group_stride,
+static void micro_kernel(const word_t *a, long lda, const word_t *b8, long group_stride,
                          long n, int32_t *c, long ldc, int first)
 {
-    const __m256i zero = _mm256_setzero_si256();
+    const __m256i table = nibble_popcounts(), zero = _mm256_setzero_si256();
     __m256i bytes[MR][2];
     for (int i = 0; i < MR; i++)
         bytes[i][0] = bytes[i][1] = zero;
     for (long k = 0; k < n; k++) {
-        __m256i b0 = load_4_words(b4 + 4 * k), b1 = load_4_words(b4 + group_stride + 4 * k);
         for (int i = 0; i < MR; i++) {
-            __m256i av = _mm256_set1_epi64x((long long)a[i * lda + k]);
-            bytes[i][0] = add_byte_popcounts(bytes[i][0], _mm256_xor_si256(av, b0));
-            bytes[i][1] = add_byte_popcounts(bytes[i][1], _mm256_xor_si256(av, b1));
+            __m256i low = _mm256_set1_epi64x((long long)a[i * lda + 2 * k]);
+            __m256i high = _mm256_set1_epi64x((long long)a[i * lda + 2 * k + 1]);
+            __m256i count[2];
+            for (int h = 0; h < 2; h++) {
+                const word_t *b = b8 + h * group_stride + 8 * k;
+                count[h] = _mm256_add_epi8(bytes[i][h], _mm256_shuffle_epi8(
+                    table, _mm256_xor_si256(low, load_4_words(b))));
+                count[h] = _mm256_add_epi8(count[h], _mm256_shuffle_epi8(
+                    table, _mm256_xor_si256(high, load_4_words(b + 4))));
+            }
+            __m256i c0 = count[0], c1 = count[1];
+            __asm__("" : "+x"(c0), "+x"(c1));       /* in registers: see above */
+            bytes[i][0] = c0;
+            bytes[i][1] = c1;
         }
     }
     for (int i = 0; i < MR; i++)
@@ -932,7 +970,7 @@ static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
     long kw = g->kw;
     int first = k0 == 0;
 #if defined(INTERLEAVED_B)
-    if (g->a2 != NULL) {            /* rows of HS_MIN_WORDS words or more */
+    if (g->harley_seal && g->b4 != NULL) {     /* rows of HS_MIN_WORDS words or more */
         tile_block_hs(g, pop, m0, m1, n0, n1, k0, kc);
         return;
     }
@@ -944,7 +982,8 @@ static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
             int32_t *c = pop + (i - m0) * NB + (j - n0);
 #if defined(INTERLEAVED_B)
             if (i + MR <= m1 && j + NR <= n1 && g->b4 != NULL)
-                micro_kernel(a, kw, g->b4 + (j / 4) * 4 * kw + 4 * k0, 4 * kw, kc, c, NB, first);
+                micro_kernel(g->a2 + (i * kw + k0) * 2, 2 * kw, g->b4 + (j / 4) * 8 * kw + 8 * k0,
+                             8 * kw, kc, c, NB, first);
 #else
             if (i + MR <= m1 && j + NR <= n1)
                 micro_kernel(a, b, kw, kc, c, NB, first);
@@ -1070,73 +1109,93 @@ static void advise_huge_pages(void *p, size_t bytes)
 
 #if defined(INTERLEAVED_B)
 /* The AVX2 kernels' copies of the operands, made once per call in
- * parallel: B (n x kw words) interleaved by groups of 4 rows (layout at
- * the tile kernel), and for rows of HS_MIN_WORDS words or more, when the
- * Harley-Seal kernel runs, both B's copy and A's (a2) in pair form. */
+ * parallel: A (m x kw words) row by row and B (n x kw words) interleaved
+ * by groups of 4 rows, both in nibble form for the tile kernel, or, for
+ * rows of HS_MIN_WORDS words or more, in pair form for the Harley-Seal
+ * kernel (layouts at the two kernels). */
 typedef struct {
     const word_t *a, *b;
-    word_t *a2, *b4;            /* a2: NULL unless in pair form (both) */
+    word_t *a2, *b4;
     long m, n, kw, b_tasks;
+    int harley_seal;            /* pair form, else nibble form */
 } copies_args;
 
 #define GROUPS_PER_TASK 16      /* of B's groups of 4 rows */
 #define A_ROWS_PER_TASK 64
 
-/* Row src (kw words) to out[0], out[stride], ..., in pair form when
- * pair_mask is all ones (odd k: the word XOR the one before).  The caller's
- * sizes are passed in, not read through its struct, so that gcc keeps them
- * in registers across the stores. */
-static void copy_row(word_t *out, long stride, const word_t *src, long kw, word_t pair_mask)
+/* Row src (kw words) to out[0], out[stride], ... in pair form (odd k: the
+ * word XOR the one before).  The caller's sizes are passed in, not read
+ * through its struct, so that gcc keeps them in registers across the
+ * stores. */
+static void copy_row_pairs(word_t *out, long stride, const word_t *src, long kw)
 {
     long k = 0;
     for (; k + 2 <= kw; k += 2) {
         out[k * stride] = src[k];
-        out[(k + 1) * stride] = src[k + 1] ^ (src[k] & pair_mask);
+        out[(k + 1) * stride] = src[k + 1] ^ src[k];
     }
     if (k < kw)
         out[k * stride] = src[k];
 }
 
+/* Row src (kw words) in nibble form: the low nibbles of word k to
+ * out[k * stride], its high nibbles to out[k * stride + high]. */
+static void copy_row_nibbles(word_t *out, long stride, long high, const word_t *src, long kw)
+{
+    const word_t low_nibbles = 0x0f0f0f0f0f0f0f0fULL;
+    for (long k = 0; k < kw; k++) {
+        out[k * stride] = src[k] & low_nibbles;
+        out[k * stride + high] = (src[k] >> 4) & low_nibbles;
+    }
+}
+
 static void copies_task(const void *ctx, long task)
 {
     const copies_args *p = (const copies_args *)ctx;
-    long kw = p->kw;
+    long kw = p->kw, form = p->harley_seal ? 1 : 2;     /* words a word takes */
     if (task < p->b_tasks) {
         long n = p->n, groups = (n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
-        word_t pair_mask = p->a2 != NULL ? ~(word_t)0 : 0;
-        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++)
-            for (long r = 0; r < 4; r++) {
-                word_t *out = p->b4 + g * 4 * kw + r;
-                if (4 * g + r < n)
-                    copy_row(out, 4, p->b + (4 * g + r) * kw, kw, pair_mask);
-                else                    /* rows past N: zero */
-                    for (long k = 0; k < kw; k++)
-                        out[4 * k] = 0;
+        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++) {
+            word_t *group = p->b4 + g * 4 * form * kw;
+            if (4 * g + 4 > n)          /* rows past N: zero */
+                memset(group, 0, 4 * form * kw * sizeof(word_t));
+            for (long r = 0; r < 4 && 4 * g + r < n; r++) {
+                const word_t *src = p->b + (4 * g + r) * kw;
+                if (p->harley_seal)
+                    copy_row_pairs(group + r, 4, src, kw);
+                else
+                    copy_row_nibbles(group + r, 8, 4, src, kw);
             }
+        }
         return;
     }
     long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK, m = p->m;
-    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < m; r++)
-        copy_row(p->a2 + r * kw, 1, p->a + r * kw, kw, ~(word_t)0);
+    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < m; r++) {
+        if (p->harley_seal)
+            copy_row_pairs(p->a2 + r * kw, 1, p->a + r * kw, kw);
+        else
+            copy_row_nibbles(p->a2 + r * 2 * kw, 2, 1, p->a + r * kw, kw);
+    }
 }
 
-/* Fills g->b4 and, where the Harley-Seal kernel runs, g->a2, in one
- * allocation, which it returns for the caller to free; NULL (and both
- * left NULL) if memory is short. */
+/* Fills g->b4 and g->a2 in one allocation, which it returns for the caller
+ * to free; NULL (and both left NULL) if memory is short. */
 static word_t *make_copies(gemm_args *g, int n_threads)
 {
     long groups = (g->n + 3) / 4;
-    int pairs = g->kw >= HS_MIN_WORDS;
-    size_t b_words = (size_t)groups * 4 * g->kw, a_words = pairs ? (size_t)g->m * g->kw : 0;
+    int harley_seal = g->kw >= HS_MIN_WORDS;
+    size_t form = harley_seal ? 1 : 2;
+    size_t b_words = (size_t)groups * 4 * form * g->kw, a_words = (size_t)g->m * form * g->kw;
     word_t *buffer = aligned_alloc(64, ((b_words + a_words) * sizeof(word_t) + 63) & ~(size_t)63);
     if (buffer == NULL)
         return NULL;
-    copies_args p = {g->a, g->b, pairs ? buffer + b_words : NULL, buffer, g->m, g->n, g->kw,
-                     (groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK};
-    long a_tasks = pairs ? (g->m + A_ROWS_PER_TASK - 1) / A_ROWS_PER_TASK : 0;
-    run_parallel(copies_task, &p, p.b_tasks + a_tasks, n_threads);
-    g->b4 = buffer;
+    copies_args p = {g->a, g->b, buffer + b_words, buffer, g->m, g->n, g->kw,
+                     (groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK, harley_seal};
+    run_parallel(copies_task, &p, p.b_tasks + (g->m + A_ROWS_PER_TASK - 1) / A_ROWS_PER_TASK,
+                 n_threads);
+    g->b4 = p.b4;
     g->a2 = p.a2;
+    g->harley_seal = harley_seal;
     return buffer;
 }
 #endif
@@ -1239,8 +1298,9 @@ void bnn_stream_outputs(int mode)
 void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
                    long planes, const int32_t *threshold, void *out, int n_threads)
 {
-    gemm_args g = {a, b, NULL, NULL, NULL, NULL, threshold, out, m * planes, n, k, (k + 63) / 64,
-                   planes, (m * planes + MB - 1) / MB, 0};
+    gemm_args g = {.a = a, .b = b, .threshold = threshold, .out = out, .m = m * planes, .n = n,
+                   .k = k, .kw = (k + 63) / 64, .planes = planes,
+                   .m_blocks = (m * planes + MB - 1) / MB};
     uint8_t *pixels = NULL, *masks = NULL;
     long n_tasks = g.m_blocks * ((n + NB - 1) / NB);
     word_t *copies = NULL;

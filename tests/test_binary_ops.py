@@ -105,15 +105,16 @@ def test_xnor_matmul_exact(cpu_path, m, k, n):
     assert torch.equal(out, reference_matmul(a, b))
 
 
-@pytest.mark.parametrize("k", [64 * 124, 64 * 124 + 64 * 35 - 9])
+@pytest.mark.parametrize("k", [64 * 31, 64 * 124, 64 * 124 + 64 * 35 - 9])
 def test_xnor_matmul_counters_at_their_limit(cpu_path, k):
     """Rows of A that agree with rows of B everywhere, nowhere and half the
     time: the popcount of every word is 64 or 0, which fills the AVX2
-    kernels' byte counters to their limit (31 groups of 4 words per K slice
-    in the Harley-Seal kernel)."""
-    a = torch.ones(3, k)
-    a[1] = -1.0
-    a[2, ::2] = -1.0
+    kernels' byte counters to their limit (31 words a call in the tile
+    kernel, 31 groups of 4 words per K slice in the Harley-Seal kernel).
+    Six rows of A, so that the 4-row tile kernel runs too."""
+    a = torch.ones(6, k)
+    a[1::3] = -1.0
+    a[2::3, ::2] = -1.0
     b = torch.ones(k, 11)
     b[:, 1::2] = -1.0
     assert torch.equal(bo.xnor_matmul(a, b, kernel=cpu_path), reference_matmul(a, b))
@@ -213,7 +214,7 @@ def test_each_micro_kernel_variant(tmp_path, variant):
     fired = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8, threshold)
     assert torch.equal(fired, bo.fire_torch(d, threshold))
 
-    # the paths without work buffers (interleaved B, byte-sliced planes)
+    # the paths without work buffers (the copies of A and B, byte-sliced planes)
     lib.bnn_use_work_buffers(0)
     try:
         out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1)
