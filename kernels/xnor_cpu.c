@@ -374,11 +374,12 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  * load, so any K runs through it.
  *
  * Cache blocking: the output is cut into blocks of MB rows of A by NB rows
- * of B, one task each, and K into slices of KC words.  For one K slice the
- * lookup kernel re-reads the block's NB rows of B (NB * KC * 8 = 124 KiB,
- * kept in L2) once per MR rows of A, and the MR rows of A (4 KiB) stay in
- * L1 while it sweeps B; the Harley-Seal kernel goes the other way round,
- * one 8-row panel of B (8 KiB) in L1 against all MB rows of A (32 KiB).
+ * of B, one task each (the tile kernel's tasks take a run of blocks, see
+ * gemm_task), and K into slices of KC words.  The tile kernel re-reads the
+ * NB rows of B (at most 62 KiB in nibble form) once per MR rows of A, and
+ * the MR rows of A stay in L1 while it sweeps B; the Harley-Seal kernel
+ * goes the other way round, one 8-row panel of B (8 KiB) in L1 against all
+ * MB rows of A (32 KiB).
  * (Smaller panels, MB / NB / KC = 32 / 64 / 64, 64 / 64 / 32 and others,
  * measured no better.)  KC = 124 keeps a slice within 31 groups of 4
  * words, so the Harley-Seal kernel's byte counters never need widening
@@ -437,15 +438,16 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
 
 typedef struct {
     const word_t *a, *b;
-    const word_t *b4;           /* AVX2: B interleaved by 4 rows, or NULL (make_copies) */
-    const word_t *a2;           /* AVX2: A in the same form as b4, or NULL */
-    int harley_seal;            /* ... that form: pair (Harley-Seal kernel) or nibble */
+    const word_t *b4;           /* AVX2, Harley-Seal: B interleaved by 4 rows, or NULL */
+    const word_t *a2;           /* AVX2: A in pair form (Harley-Seal) or nibble form, or NULL */
+    int harley_seal;            /* rows of HS_MIN_WORDS words or more (make_copies) */
     const uint8_t *pixels;      /* planes == 8, AVX2: A as pixel bytes, or NULL */
     const uint8_t *masks;       /* ... and B as byte masks (kw * 64 bytes a row) */
     const int32_t *threshold;   /* NULL: store dot products */
     void *out;
     long m, n, k, kw, planes;   /* m counts rows of A */
     long m_blocks;
+    long m_run;                 /* blocks of A a task takes (gemm_task) */
     int stream;                 /* int32 output written by non-temporal stores */
 } gemm_args;
 
@@ -581,10 +583,11 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
  * of a pair are one xor each, and the and, shift and and of the lookup are
  * paid once per word, in the copy, instead of once per pair: 6 ops per
  * vector of 4 pairs (2 xors, 2 vpshufb, 2 adds) instead of 8.
- * A and B are first copied (make_copies, once per call, in parallel) in
- * that form: a row of A as KW pairs of words (low, high); B in groups of 4
- * rows, word by word: group g holds, for k = 0 .. KW - 1, the low nibbles
- * of b[4g][k] .. b[4g+3][k] as one 256-bit vector and their high nibbles as
+ * A is first copied in that form (make_copies, once per call, in
+ * parallel), a row as KW pairs of words (low, high), and each task copies
+ * its panel of NB rows of B (copy_panel_nibbles), in groups of 4 rows,
+ * word by word: group g holds, for k = 0 .. KW - 1, the low nibbles of
+ * b[4g][k] .. b[4g+3][k] as one 256-bit vector and their high nibbles as
  * the next (rows past N are zero; their results are never used).
  * A step of the kernel takes one word k: for each of 4 rows of A it
  * broadcasts the two halves of a[i][k] to the 4 lanes and adds the byte
@@ -605,6 +608,11 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
  * kernel (the and, shift and and per pair, counters spilled); the whole
  * GEMM ran 1.13-1.19x as fast at 100 x 784 x 4096 and 1.19-1.26x at
  * 1000 x 1600 x 1000 on two threads, the copy of B twice as large and all.
+ * That copy was first made once per call for all tasks, as the pair form
+ * still is; made by each task for its own panel, which it then keeps in
+ * L1 for a run of blocks of A (tile_kernel_run), the whole GEMM ran
+ * 1.03-1.12x as fast at 100 x 784 x 4096 on two threads (level on one,
+ * and at 10000 x 784 x 4096 and 1000 x 1600 x 1000).
  * At K = 784 (13 steps a call) the work a call does outside its step loop
  * counts: an earlier version that also carried 64-bit sums across runs of
  * BYTE_STEPS (zeroed and kept on the stack on every call) ran 0.91-0.95x as
@@ -946,6 +954,164 @@ static void epilogue(const gemm_args *g, const int32_t *pop,
 }
 
 #if defined(INTERLEAVED_B)
+/* The AVX2 kernels' copies of the operands (layouts at the two kernels),
+ * made once per call in parallel: for rows of HS_MIN_WORDS words or more,
+ * A (m x kw words) row by row and B (n x kw words) interleaved by groups
+ * of 4 rows, both in pair form, for the Harley-Seal kernel; for shorter
+ * rows A in nibble form, for the tile kernel, whose tasks copy their own
+ * panels of B (copy_panel_nibbles). */
+typedef struct {
+    const word_t *a, *b;
+    word_t *a2, *b4;            /* b4: NULL for the tile kernel */
+    long m, n, kw, b_tasks;
+    int harley_seal;            /* pair form, else nibble form */
+} copies_args;
+
+#define GROUPS_PER_TASK 16      /* of B's groups of 4 rows */
+#define A_ROWS_PER_TASK 64
+
+/* Row src (kw words) to out[0], out[stride], ... in pair form (odd k: the
+ * word XOR the one before).  The caller's sizes are passed in, not read
+ * through its struct, so that gcc keeps them in registers across the
+ * stores. */
+static void copy_row_pairs(word_t *out, long stride, const word_t *src, long kw)
+{
+    long k = 0;
+    for (; k + 2 <= kw; k += 2) {
+        out[k * stride] = src[k];
+        out[(k + 1) * stride] = src[k + 1] ^ src[k];
+    }
+    if (k < kw)
+        out[k * stride] = src[k];
+}
+
+/* Row src (kw words) in nibble form: the low nibbles of word k to
+ * out[k * stride], its high nibbles to out[k * stride + high]. */
+static void copy_row_nibbles(word_t *out, long stride, long high, const word_t *src, long kw)
+{
+    const word_t low_nibbles = 0x0f0f0f0f0f0f0f0fULL;
+    for (long k = 0; k < kw; k++) {
+        out[k * stride] = src[k] & low_nibbles;
+        out[k * stride + high] = (src[k] >> 4) & low_nibbles;
+    }
+}
+
+/* A whole group of B (its 4 rows, kw words each, one after the other in
+ * rows) in nibble form: 4 words of each row at a time, the 4 x 4 block of
+ * words transposed by unpack and lane permutes so that vector j holds word
+ * k + j of the 4 rows, then split into nibbles; copy_row_nibbles takes the
+ * last kw % 4 words.  1.01-1.03x the whole GEMM at 100 x 784 x 4096 (Zen 3)
+ * over copying word by word (measured when B was copied once per call). */
+static void copy_group_nibbles(word_t *out, const word_t *rows, long kw)
+{
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
+    long k = 0;
+    for (; k + 4 <= kw; k += 4) {
+        __m256i r0 = load_4_words(rows + k), r1 = load_4_words(rows + kw + k);
+        __m256i r2 = load_4_words(rows + 2 * kw + k), r3 = load_4_words(rows + 3 * kw + k);
+        __m256i even01 = _mm256_unpacklo_epi64(r0, r1), odd01 = _mm256_unpackhi_epi64(r0, r1);
+        __m256i even23 = _mm256_unpacklo_epi64(r2, r3), odd23 = _mm256_unpackhi_epi64(r2, r3);
+        __m256i w[4] = {_mm256_permute2x128_si256(even01, even23, 0x20),
+                        _mm256_permute2x128_si256(odd01, odd23, 0x20),
+                        _mm256_permute2x128_si256(even01, even23, 0x31),
+                        _mm256_permute2x128_si256(odd01, odd23, 0x31)};
+        for (int j = 0; j < 4; j++) {
+            __m256i *o = (__m256i *)(out + 8 * (k + j));
+            _mm256_storeu_si256(o, _mm256_and_si256(w[j], low_nibbles));
+            _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srli_epi16(w[j], 4), low_nibbles));
+        }
+    }
+    for (long r = 0; r < 4; r++)
+        copy_row_nibbles(out + 8 * k + r, 8, 4, rows + r * kw + k, kw - k);
+}
+
+static void copies_task(const void *ctx, long task)
+{
+    const copies_args *p = (const copies_args *)ctx;
+    long kw = p->kw;
+    if (task < p->b_tasks) {
+        long n = p->n, groups = (n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
+        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++) {
+            word_t *group = p->b4 + g * 4 * kw;
+            if (4 * g + 4 > n)          /* rows past N: zero */
+                memset(group, 0, 4 * kw * sizeof(word_t));
+            for (long r = 0; r < 4 && 4 * g + r < n; r++)
+                copy_row_pairs(group + r, 4, p->b + (4 * g + r) * kw, kw);
+        }
+        return;
+    }
+    long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK, m = p->m;
+    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < m; r++) {
+        if (p->harley_seal)
+            copy_row_pairs(p->a2 + r * kw, 1, p->a + r * kw, kw);
+        else
+            copy_row_nibbles(p->a2 + r * 2 * kw, 2, 1, p->a + r * kw, kw);
+    }
+}
+
+/* Fills g->a2 and, for the Harley-Seal kernel, g->b4, in one allocation,
+ * which it returns for the caller to free; NULL (and both left NULL) if
+ * memory is short. */
+static word_t *make_copies(gemm_args *g, int n_threads)
+{
+    long groups = (g->n + 3) / 4;
+    int harley_seal = g->kw >= HS_MIN_WORDS;
+    size_t b_words = harley_seal ? (size_t)groups * 4 * g->kw : 0;
+    size_t a_words = (size_t)g->m * (harley_seal ? 1 : 2) * g->kw;
+    word_t *buffer = aligned_alloc(64, ((b_words + a_words) * sizeof(word_t) + 63) & ~(size_t)63);
+    if (buffer == NULL)
+        return NULL;
+    copies_args p = {g->a, g->b, buffer + b_words, harley_seal ? buffer : NULL, g->m, g->n, g->kw,
+                     harley_seal ? (groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK : 0,
+                     harley_seal};
+    run_parallel(copies_task, &p, p.b_tasks + (g->m + A_ROWS_PER_TASK - 1) / A_ROWS_PER_TASK,
+                 n_threads);
+    g->b4 = p.b4;
+    g->a2 = p.a2;
+    g->harley_seal = harley_seal;
+    return buffer;
+}
+
+/* The tile kernel's copy of rows n0 .. n1 - 1 of B (a task's panel, n0 a
+ * multiple of 4) in nibble form, interleaved by groups of 4 rows, into the
+ * calling thread's buffer, which it returns.  Thread-local, so that each
+ * pool thread and each caller has its own, allocated at its first use. */
+#define NIBBLE_MAX_WORDS (HS_MIN_WORDS - 1)
+static const word_t *copy_panel_nibbles(const gemm_args *g, long n0, long n1)
+{
+    static __thread word_t panel_buffer[NB * 2 * NIBBLE_MAX_WORDS] __attribute__((aligned(64)));
+    long kw = g->kw;
+    for (long group = n0 / 4; group < (n1 + 3) / 4; group++) {
+        word_t *out = panel_buffer + (group - n0 / 4) * 8 * kw;
+        const word_t *rows = g->b + 4 * group * kw;
+        if (4 * group + 4 <= g->n) {
+            copy_group_nibbles(out, rows, kw);
+            continue;
+        }
+        memset(out, 0, 8 * kw * sizeof(word_t));        /* rows past N: zero */
+        for (long r = 0; 4 * group + r < g->n; r++)
+            copy_row_nibbles(out + r, 8, 4, rows + r * kw, kw);
+    }
+    return panel_buffer;
+}
+
+/* Blocks of A a tile-kernel task takes against its panel of B: enough to
+ * leave about 8 tasks a thread, at most RUN_BLOCKS, whose rows of A (at
+ * most 248 KiB in nibble form) stay in L2 while the panel is in L1.  At
+ * 10000 x 784 x 4096, runs of all 313 blocks (each panel copied once) ran
+ * 0.92x as fast as copying B once per call, runs of 8 blocks about 0.98x,
+ * runs of 16 and 32 level with it. */
+#define RUN_BLOCKS 16
+static long tile_kernel_run(long m_blocks, long panels, int n_threads)
+{
+    long tasks = 8L * (n_threads > 1 ? n_threads : 1);
+    long run = (m_blocks * panels + tasks - 1) / tasks;
+    run = run < m_blocks ? run : m_blocks;
+    return run < 1 ? 1 : run < RUN_BLOCKS ? run : RUN_BLOCKS;
+}
+#endif
+
+#if defined(INTERLEAVED_B)
 /* One K slice of a block by the Harley-Seal kernel: panel by panel of 8
  * rows of B (kept in L1 while every row of the block's A passes), then the
  * last n % 8 columns by the edge kernel. */
@@ -963,8 +1129,9 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
 }
 #endif
 
-/* One K slice of a block of the ordinary GEMM: register tiles, then edges. */
-static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
+/* One K slice of a block of the ordinary GEMM: register tiles, then edges.
+ * panel: the block's rows of B in nibble form (AVX2 tile kernel), or NULL. */
+static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, long m0, long m1,
                        long n0, long n1, long k0, long kc)
 {
     long kw = g->kw;
@@ -981,10 +1148,11 @@ static void tile_block(const gemm_args *g, int32_t *pop, long m0, long m1,
             const word_t *b = g->b + j * kw + k0;
             int32_t *c = pop + (i - m0) * NB + (j - n0);
 #if defined(INTERLEAVED_B)
-            if (i + MR <= m1 && j + NR <= n1 && g->b4 != NULL)
-                micro_kernel(g->a2 + (i * kw + k0) * 2, 2 * kw, g->b4 + (j / 4) * 8 * kw + 8 * k0,
+            if (i + MR <= m1 && j + NR <= n1 && panel != NULL)
+                micro_kernel(g->a2 + (i * kw + k0) * 2, 2 * kw, panel + (j - n0) / 4 * 8 * kw + 8 * k0,
                              8 * kw, kc, c, NB, first);
 #else
+            (void)panel;
             if (i + MR <= m1 && j + NR <= n1)
                 micro_kernel(a, b, kw, kc, c, NB, first);
 #endif
@@ -1037,22 +1205,36 @@ static void plane_block(const gemm_args *g, int32_t *pop, long m0, long m1,
     }
 }
 
+/* A task: the blocks mb0 .. mb1 - 1 of A (a run of m_run blocks; 1 but on
+ * the tile kernel's path) against one panel of NB rows of B, which, on
+ * that path, the task first copies in nibble form to its thread's buffer
+ * (panel_buffer: thread-local, not on the stack, which can be small in a
+ * caller's thread). */
 static void gemm_task(const void *ctx, long task)
 {
     const gemm_args *g = (const gemm_args *)ctx;
     int32_t pop[MB * NB];
-    long m0 = (task % g->m_blocks) * MB, n0 = (task / g->m_blocks) * NB;
-    long m1 = m0 + MB < g->m ? m0 + MB : g->m;
+    long runs = (g->m_blocks + g->m_run - 1) / g->m_run;
+    long mb0 = (task % runs) * g->m_run, n0 = (task / runs) * NB;
+    long mb1 = mb0 + g->m_run < g->m_blocks ? mb0 + g->m_run : g->m_blocks;
     long n1 = n0 + NB < g->n ? n0 + NB : g->n;
+    const word_t *panel = NULL;
+#if defined(INTERLEAVED_B)
+    if (g->a2 != NULL && !g->harley_seal)
+        panel = copy_panel_nibbles(g, n0, n1);
+#endif
 
-    for (long k0 = 0; k0 < g->kw; k0 += KC) {
-        long kc = k0 + KC < g->kw ? KC : g->kw - k0;
-        if (g->planes == 1)
-            tile_block(g, pop, m0, m1, n0, n1, k0, kc);
-        else
-            plane_block(g, pop, m0, m1, n0, n1, k0, kc);
+    for (long mb = mb0; mb < mb1; mb++) {
+        long m0 = mb * MB, m1 = m0 + MB < g->m ? m0 + MB : g->m;
+        for (long k0 = 0; k0 < g->kw; k0 += KC) {
+            long kc = k0 + KC < g->kw ? KC : g->kw - k0;
+            if (g->planes == 1)
+                tile_block(g, panel, pop, m0, m1, n0, n1, k0, kc);
+            else
+                plane_block(g, pop, m0, m1, n0, n1, k0, kc);
+        }
+        epilogue(g, pop, m0 / g->planes, m1 / g->planes, n0, n1);
     }
-    epilogue(g, pop, m0 / g->planes, m1 / g->planes, n0, n1);
 #if defined(__AVX2__)
     if (g->stream)
         _mm_sfence();       /* this thread's streamed lines, out before the job ends */
@@ -1107,131 +1289,6 @@ static void advise_huge_pages(void *p, size_t bytes)
 #endif
 }
 
-#if defined(INTERLEAVED_B)
-/* The AVX2 kernels' copies of the operands, made once per call in
- * parallel: A (m x kw words) row by row and B (n x kw words) interleaved
- * by groups of 4 rows, both in nibble form for the tile kernel, or, for
- * rows of HS_MIN_WORDS words or more, in pair form for the Harley-Seal
- * kernel (layouts at the two kernels). */
-typedef struct {
-    const word_t *a, *b;
-    word_t *a2, *b4;
-    long m, n, kw, b_tasks;
-    int harley_seal;            /* pair form, else nibble form */
-} copies_args;
-
-#define GROUPS_PER_TASK 16      /* of B's groups of 4 rows */
-#define A_ROWS_PER_TASK 64
-
-/* Row src (kw words) to out[0], out[stride], ... in pair form (odd k: the
- * word XOR the one before).  The caller's sizes are passed in, not read
- * through its struct, so that gcc keeps them in registers across the
- * stores. */
-static void copy_row_pairs(word_t *out, long stride, const word_t *src, long kw)
-{
-    long k = 0;
-    for (; k + 2 <= kw; k += 2) {
-        out[k * stride] = src[k];
-        out[(k + 1) * stride] = src[k + 1] ^ src[k];
-    }
-    if (k < kw)
-        out[k * stride] = src[k];
-}
-
-/* Row src (kw words) in nibble form: the low nibbles of word k to
- * out[k * stride], its high nibbles to out[k * stride + high]. */
-static void copy_row_nibbles(word_t *out, long stride, long high, const word_t *src, long kw)
-{
-    const word_t low_nibbles = 0x0f0f0f0f0f0f0f0fULL;
-    for (long k = 0; k < kw; k++) {
-        out[k * stride] = src[k] & low_nibbles;
-        out[k * stride + high] = (src[k] >> 4) & low_nibbles;
-    }
-}
-
-/* A whole group of B (its 4 rows, kw words each, one after the other in
- * rows) in nibble form: 4 words of each row at a time, the 4 x 4 block of
- * words transposed by unpack and lane permutes so that vector j holds word
- * k + j of the 4 rows, then split into nibbles; copy_row_nibbles takes the
- * last kw % 4 words.  1.01-1.03x the whole GEMM at 100 x 784 x 4096 (Zen 3)
- * over copying word by word. */
-static void copy_group_nibbles(word_t *out, const word_t *rows, long kw)
-{
-    const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
-    long k = 0;
-    for (; k + 4 <= kw; k += 4) {
-        __m256i r0 = load_4_words(rows + k), r1 = load_4_words(rows + kw + k);
-        __m256i r2 = load_4_words(rows + 2 * kw + k), r3 = load_4_words(rows + 3 * kw + k);
-        __m256i even01 = _mm256_unpacklo_epi64(r0, r1), odd01 = _mm256_unpackhi_epi64(r0, r1);
-        __m256i even23 = _mm256_unpacklo_epi64(r2, r3), odd23 = _mm256_unpackhi_epi64(r2, r3);
-        __m256i w[4] = {_mm256_permute2x128_si256(even01, even23, 0x20),
-                        _mm256_permute2x128_si256(odd01, odd23, 0x20),
-                        _mm256_permute2x128_si256(even01, even23, 0x31),
-                        _mm256_permute2x128_si256(odd01, odd23, 0x31)};
-        for (int j = 0; j < 4; j++) {
-            __m256i *o = (__m256i *)(out + 8 * (k + j));
-            _mm256_storeu_si256(o, _mm256_and_si256(w[j], low_nibbles));
-            _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srli_epi16(w[j], 4), low_nibbles));
-        }
-    }
-    for (long r = 0; r < 4; r++)
-        copy_row_nibbles(out + 8 * k + r, 8, 4, rows + r * kw + k, kw - k);
-}
-
-static void copies_task(const void *ctx, long task)
-{
-    const copies_args *p = (const copies_args *)ctx;
-    long kw = p->kw, form = p->harley_seal ? 1 : 2;     /* words a word takes */
-    if (task < p->b_tasks) {
-        long n = p->n, groups = (n + 3) / 4, g_end = (task + 1) * GROUPS_PER_TASK;
-        for (long g = task * GROUPS_PER_TASK; g < g_end && g < groups; g++) {
-            word_t *group = p->b4 + g * 4 * form * kw;
-            if (!p->harley_seal && 4 * g + 4 <= n) {
-                copy_group_nibbles(group, p->b + 4 * g * kw, kw);
-                continue;
-            }
-            if (4 * g + 4 > n)          /* rows past N: zero */
-                memset(group, 0, 4 * form * kw * sizeof(word_t));
-            for (long r = 0; r < 4 && 4 * g + r < n; r++) {
-                const word_t *src = p->b + (4 * g + r) * kw;
-                if (p->harley_seal)
-                    copy_row_pairs(group + r, 4, src, kw);
-                else
-                    copy_row_nibbles(group + r, 8, 4, src, kw);
-            }
-        }
-        return;
-    }
-    long r0 = (task - p->b_tasks) * A_ROWS_PER_TASK, m = p->m;
-    for (long r = r0; r < r0 + A_ROWS_PER_TASK && r < m; r++) {
-        if (p->harley_seal)
-            copy_row_pairs(p->a2 + r * kw, 1, p->a + r * kw, kw);
-        else
-            copy_row_nibbles(p->a2 + r * 2 * kw, 2, 1, p->a + r * kw, kw);
-    }
-}
-
-/* Fills g->b4 and g->a2 in one allocation, which it returns for the caller
- * to free; NULL (and both left NULL) if memory is short. */
-static word_t *make_copies(gemm_args *g, int n_threads)
-{
-    long groups = (g->n + 3) / 4;
-    int harley_seal = g->kw >= HS_MIN_WORDS;
-    size_t form = harley_seal ? 1 : 2;
-    size_t b_words = (size_t)groups * 4 * form * g->kw, a_words = (size_t)g->m * form * g->kw;
-    word_t *buffer = aligned_alloc(64, ((b_words + a_words) * sizeof(word_t) + 63) & ~(size_t)63);
-    if (buffer == NULL)
-        return NULL;
-    copies_args p = {g->a, g->b, buffer + b_words, buffer, g->m, g->n, g->kw,
-                     (groups + GROUPS_PER_TASK - 1) / GROUPS_PER_TASK, harley_seal};
-    run_parallel(copies_task, &p, p.b_tasks + (g->m + A_ROWS_PER_TASK - 1) / A_ROWS_PER_TASK,
-                 n_threads);
-    g->b4 = p.b4;
-    g->a2 = p.a2;
-    g->harley_seal = harley_seal;
-    return buffer;
-}
-#endif
 
 #if defined(BYTE_PLANES)
 /* The byte buffers of the byte-sliced plane kernel: image r's pixel bytes
@@ -1333,9 +1390,9 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
 {
     gemm_args g = {.a = a, .b = b, .threshold = threshold, .out = out, .m = m * planes, .n = n,
                    .k = k, .kw = (k + 63) / 64, .planes = planes,
-                   .m_blocks = (m * planes + MB - 1) / MB};
+                   .m_blocks = (m * planes + MB - 1) / MB, .m_run = 1};
     uint8_t *pixels = NULL, *masks = NULL;
-    long n_tasks = g.m_blocks * ((n + NB - 1) / NB);
+    long panels = (n + NB - 1) / NB;
     word_t *copies = NULL;
     if (m == 0 || n == 0)
         return;
@@ -1347,6 +1404,8 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
 #if defined(INTERLEAVED_B)
     if (planes == 1 && use_work_buffers)
         copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */
+    if (copies != NULL && !g.harley_seal)
+        g.m_run = tile_kernel_run(g.m_blocks, panels, n_threads);
 #endif
 #if defined(BYTE_PLANES)
     if (planes == PLANES && use_work_buffers)
@@ -1354,7 +1413,7 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
 #endif
     g.pixels = pixels;
     g.masks = masks;
-    run_parallel(gemm_task, &g, n_tasks, n_threads);
+    run_parallel(gemm_task, &g, panels * ((g.m_blocks + g.m_run - 1) / g.m_run), n_threads);
     free(copies);
     free(pixels);
     free(masks);

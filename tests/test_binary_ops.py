@@ -89,6 +89,7 @@ SHAPES = [
     (3, 63, 5), (4, 64, 4), (5, 65, 7),     # around one word
     (33, 200, 130),     # M, N past the block sizes (MB = 32, NB = 128)
     (12, 784, 203),     # MNIST's K: 13 words, 3 x 4 + 1 in the AVX2 copy of B; N % 4 = 3
+    (163, 300, 389),    # 6 blocks of A x 4 panels of B: AVX2 tasks take runs of 2 or 3 blocks
     (7, 4096, 9),       # the paper's width; N % 8 = 1 column for the edge kernel
     (9, 2240 - 5, 17),  # 35 words: the AVX2 Harley-Seal kernel with 3 steps left over
     (6, 64 * 34 - 3, 9),  # 34 words: 2 left over, the odd one in pair form
