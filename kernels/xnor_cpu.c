@@ -347,9 +347,9 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     On a Zen 3 core the lookup ran about 1.6x faster than scalar popcnt:
  *     the vector pipes do 4 word pairs in ~8 ops where popcnt needs 12,
  *     and in 6 over copies of A and B split into their low and high
- *     nibbles once per call ("nibble form", at the tile kernel).
+ *     nibbles ("nibble form", at the tile kernel).
  *     The 4 words of a vector are not 4 consecutive words of one row but
- *     word k of 4 rows of B (B interleaved once per call), against word k
+ *     word k of 4 rows of B (B interleaved in its copy), against word k
  *     of a row of A broadcast: every lane is its own pair, so there is no
  *     horizontal sum per pair and no partial vector at the end of a row
  *     (K = 784 bits is 13 steps).  This doubled the speed at K = 784.
