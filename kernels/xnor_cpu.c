@@ -610,7 +610,7 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
  * 1000 x 1600 x 1000 on two threads, the copy of B twice as large and all.
  * That copy was first made once per call for all tasks, as the pair form
  * still is; made by each task for its own panel, which it then keeps in
- * L1 for a run of blocks of A (tile_kernel_run), the whole GEMM ran
+ * L1 for a run of blocks of A (blocks_per_task), the whole GEMM ran
  * 1.03-1.12x as fast at 100 x 784 x 4096 on two threads (level on one,
  * and at 10000 x 784 x 4096 and 1000 x 1600 x 1000).
  * At K = 784 (13 steps a call) the work a call does outside its step loop
@@ -1095,20 +1095,6 @@ static const word_t *copy_panel_nibbles(const gemm_args *g, long n0, long n1)
     return panel_buffer;
 }
 
-/* Blocks of A a tile-kernel task takes against its panel of B: enough to
- * leave about 8 tasks a thread, at most RUN_BLOCKS, whose rows of A (at
- * most 248 KiB in nibble form) stay in L2 while the panel is in L1.  At
- * 10000 x 784 x 4096, runs of all 313 blocks (each panel copied once) ran
- * 0.92x as fast as copying B once per call, runs of 8 blocks about 0.98x,
- * runs of 16 and 32 level with it. */
-#define RUN_BLOCKS 16
-static long tile_kernel_run(long m_blocks, long panels, int n_threads)
-{
-    long tasks = 8L * (n_threads > 1 ? n_threads : 1);
-    long run = (m_blocks * panels + tasks - 1) / tasks;
-    run = run < m_blocks ? run : m_blocks;
-    return run < 1 ? 1 : run < RUN_BLOCKS ? run : RUN_BLOCKS;
-}
 #endif
 
 #if defined(INTERLEAVED_B)
@@ -1164,9 +1150,10 @@ static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, lo
     }
 }
 
-/* One K slice of a block over bit planes.  AVX2: the byte-sliced kernel on
- * the block's images, 4 at a time, and pairs of rows of B (rows of B outer,
- * so a pair of mask rows is read once for all the images); at the edges the
+/* One K slice of rows m0 .. m1 - 1 of A over bit planes (a task's run of
+ * blocks).  AVX2: the byte-sliced kernel on their images, 4 at a time, and
+ * pairs of rows of B (rows of B outer, so a pair of mask rows is read once
+ * for all the images); at the edges the
  * last image or row is repeated and its extra results dropped.  Otherwise
  * (or without the byte buffers) the plane kernel, one output at a time. */
 static void plane_block(const gemm_args *g, int32_t *pop, long m0, long m1,
@@ -1205,11 +1192,39 @@ static void plane_block(const gemm_args *g, int32_t *pop, long m0, long m1,
     }
 }
 
-/* A task: the blocks mb0 .. mb1 - 1 of A (a run of m_run blocks; 1 but on
- * the tile kernel's path) against one panel of NB rows of B, which, on
- * that path, the task first copies in nibble form to its thread's buffer
+#if defined(INTERLEAVED_B) || defined(BYTE_PLANES)
+/* How many blocks of A a task takes against its panel of B, where a run
+ * of blocks pays (the tile kernel's panel copy, the bit planes' reuse of
+ * pixel rows): enough to leave about 8 tasks a thread, at most `most`.
+ * Tile kernel: runs of at most RUN_BLOCKS, whose rows of A (at most
+ * 248 KiB in nibble form) stay in L2 while the panel is in L1.  At
+ * 10000 x 784 x 4096, runs of all 313 blocks (each panel copied once) ran
+ * 0.92x as fast as copying B once per call, runs of 8 blocks about 0.98x,
+ * runs of 16 and 32 level with it. */
+#define RUN_BLOCKS 16
+/* Bit planes: runs of 4 blocks, 16 images, whose pixel rows (13 KiB at
+ * K = 784) stay in L1 while each pair of mask rows, read from L2, serves
+ * all of them: 1.05-1.09x the MNIST network's first layer (10000 images,
+ * 1024 and 4096 units; runs of 8 blocks gained less, of 2 nothing).  The
+ * run's images share the task's MB x NB scratch block, one row each. */
+#define PLANE_RUN_BLOCKS 4
+_Static_assert(PLANE_RUN_BLOCKS * MB / PLANES <= MB, "a run's images fit the scratch block");
+static long blocks_per_task(long m_blocks, long panels, int n_threads, long most)
+{
+    long tasks = 8L * (n_threads > 1 ? n_threads : 1);
+    long run = (m_blocks * panels + tasks - 1) / tasks;
+    run = run < m_blocks ? run : m_blocks;
+    return run < 1 ? 1 : run < most ? run : most;
+}
+#endif
+
+/* A task: the blocks mb0 .. mb1 - 1 of A (a run of m_run blocks, more than
+ * one on the tile kernel's path and the bit planes', see blocks_per_task)
+ * against one panel of NB rows of B.  On the tile kernel's path the task
+ * first copies its panel in nibble form to its thread's buffer
  * (panel_buffer: thread-local, not on the stack, which can be small in a
- * caller's thread). */
+ * caller's thread) and then takes its blocks one by one; over bit planes
+ * it takes the whole run at once. */
 static void gemm_task(const void *ctx, long task)
 {
     const gemm_args *g = (const gemm_args *)ctx;
@@ -1224,8 +1239,11 @@ static void gemm_task(const void *ctx, long task)
         panel = copy_panel_nibbles(g, n0, n1);
 #endif
 
-    for (long mb = mb0; mb < mb1; mb++) {
-        long m0 = mb * MB, m1 = m0 + MB < g->m ? m0 + MB : g->m;
+    /* the tile kernel's blocks one by one; the bit planes' run at once */
+    long step = g->planes == 1 ? MB : (mb1 - mb0) * MB;
+    long m_end = mb1 * MB < g->m ? mb1 * MB : g->m;
+    for (long m0 = mb0 * MB; m0 < m_end; m0 += step) {
+        long m1 = m0 + step < m_end ? m0 + step : m_end;
         for (long k0 = 0; k0 < g->kw; k0 += KC) {
             long kc = k0 + KC < g->kw ? KC : g->kw - k0;
             if (g->planes == 1)
@@ -1405,11 +1423,12 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
     if (planes == 1 && use_work_buffers)
         copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */
     if (copies != NULL && !g.harley_seal)
-        g.m_run = tile_kernel_run(g.m_blocks, panels, n_threads);
+        g.m_run = blocks_per_task(g.m_blocks, panels, n_threads, RUN_BLOCKS);
 #endif
 #if defined(BYTE_PLANES)
-    if (planes == PLANES && use_work_buffers)
-        byte_planes_and_masks(a, b, m, n, g.kw, &pixels, &masks, n_threads);
+    if (planes == PLANES && use_work_buffers &&
+        byte_planes_and_masks(a, b, m, n, g.kw, &pixels, &masks, n_threads))
+        g.m_run = blocks_per_task(g.m_blocks, panels, n_threads, PLANE_RUN_BLOCKS);
 #endif
     g.pixels = pixels;
     g.masks = masks;

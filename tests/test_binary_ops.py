@@ -255,7 +255,10 @@ def test_c_source_compiles(tmp_path, flags):
 # Bit planes and the threshold epilogue of the C kernel vs their PyTorch form
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 784, 65), (9, 100, 200), (4, 130, 64)])
+# (45, 300, 400): 12 blocks of plane rows x 4 panels, which AVX2 tasks take in
+# runs of 3 or 4 blocks, the last one short
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 784, 65), (9, 100, 200), (4, 130, 64),
+                                   (45, 300, 400)])
 def test_bit_planes_and_fire(cpu_path, m, k, n):
     gen = torch.Generator().manual_seed(k + n)
     pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
