@@ -440,7 +440,7 @@ typedef struct {
     const word_t *a, *b;
     const word_t *b4;           /* AVX2, Harley-Seal: B interleaved by 4 rows, or NULL */
     const word_t *a2;           /* AVX2: A in pair form (Harley-Seal) or nibble form, or NULL */
-    int harley_seal;            /* rows of HS_MIN_WORDS words or more (make_copies) */
+    int harley_seal;            /* rows of HS_MIN_WORDS words or more: set with the copies */
     const uint8_t *pixels;      /* planes == 8, AVX2: A as pixel bytes, or NULL */
     const uint8_t *masks;       /* ... and B as byte masks (kw * 64 bytes a row) */
     const int32_t *threshold;   /* NULL: store dot products */
@@ -1134,10 +1134,12 @@ static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, lo
     long kw = g->kw;
     int first = k0 == 0;
 #if defined(INTERLEAVED_B)
-    if (g->harley_seal && g->b4 != NULL) {     /* rows of HS_MIN_WORDS words or more */
+    if (g->harley_seal) {
         tile_block_hs(g, pop, m0, m1, n0, n1, k0, kc);
         return;
     }
+#else
+    (void)panel;
 #endif
     for (long i = m0; i < m1; i += MR) {
         const word_t *a = g->a + i * kw + k0;
@@ -1146,10 +1148,9 @@ static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, lo
             int32_t *c = pop + (i - m0) * NB + (j - n0);
 #if defined(INTERLEAVED_B)
             if (i + MR <= m1 && j + NR <= n1 && panel != NULL)
-                micro_kernel(g->a2 + (i * kw + k0) * 2, 2 * kw, panel + (j - n0) / 4 * 8 * kw + 8 * k0,
-                             8 * kw, kc, c, NB, first);
+                micro_kernel(g->a2 + (i * kw + k0) * 2, 2 * kw,
+                             panel + (j - n0) / 4 * 8 * kw + 8 * k0, 8 * kw, kc, c, NB, first);
 #else
-            (void)panel;
             if (i + MR <= m1 && j + NR <= n1)
                 micro_kernel(a, b, kw, kc, c, NB, first);
 #endif
@@ -1164,9 +1165,9 @@ static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, lo
 /* One K slice of rows m0 .. m1 - 1 of A over bit planes (a task's run of
  * blocks).  AVX2: the byte-sliced kernel on their images, 4 at a time, and
  * pairs of rows of B (rows of B outer, so a pair of mask rows is read once
- * for all the images); at the edges the
- * last image or row is repeated and its extra results dropped.  Otherwise
- * (or without the byte buffers) the plane kernel, one output at a time. */
+ * for all the images); at the edges the last image or row is repeated and
+ * its extra results dropped.  Otherwise (or without the byte buffers) the
+ * plane kernel, one output at a time. */
 static void plane_block(const gemm_args *g, int32_t *pop, long m0, long m1,
                         long n0, long n1, long k0, long kc)
 {
@@ -1251,7 +1252,7 @@ static void gemm_task(const void *ctx, long task)
 #endif
 
     /* the tile kernel's blocks one by one; the bit planes' run at once */
-    long step = g->planes == 1 ? MB : (mb1 - mb0) * MB;
+    long step = g->planes == 1 ? MB : g->m_run * MB;
     long m_end = mb1 * MB < g->m ? mb1 * MB : g->m;
     for (long m0 = mb0 * MB; m0 < m_end; m0 += step) {
         long m1 = m0 + step < m_end ? m0 + step : m_end;
