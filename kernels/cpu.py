@@ -76,8 +76,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bnn_baseline_gemm.argtypes = [ptr, ptr, ptr, n, n, n, ctypes.c_int]
     lib.bnn_use_work_buffers.argtypes = [ctypes.c_int]
     lib.bnn_stream_outputs.argtypes = [ctypes.c_int]
+    lib.bnn_use_vertical.argtypes = [ctypes.c_int]
     for f in (lib.bnn_pack, lib.bnn_pack_planes, lib.bnn_xnor_gemm, lib.bnn_baseline_gemm,
-              lib.bnn_use_work_buffers, lib.bnn_stream_outputs):
+              lib.bnn_use_work_buffers, lib.bnn_stream_outputs, lib.bnn_use_vertical):
         f.restype = None
     lib.bnn_popcount_kind.argtypes = []
     lib.bnn_popcount_kind.restype = ctypes.c_char_p

@@ -55,7 +55,7 @@ const char *bnn_popcount_kind(void)
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
     return "AVX-512 VPOPCNTDQ";
 #elif defined(__AVX2__)
-    return "AVX2 nibble lookup (vpshufb)";
+    return "AVX2 nibble lookup (vpshufb), bit-sliced counters for large products";
 #elif defined(__POPCNT__)
     return "scalar popcnt (x86)";
 #elif defined(__ARM_NEON)
@@ -134,11 +134,17 @@ typedef struct {
     long generation;            /* the job number at creation: wait for the next */
 } pool_thread_args;
 
+/* The calling thread's slot in a job's per-thread scratch: pool thread i
+ * has i + 1, any other thread 0 (calls take turns, so one caller at a
+ * time). */
+static __thread int thread_slot;
+
 static void *pool_thread(void *arg)
 {
     pool_thread_args args = *(pool_thread_args *)arg;
     long seen = args.generation;
     free(arg);
+    thread_slot = args.index + 1;
     for (;;) {
         long start = now_ns();
         for (long i = 1; __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE) == seen; i++) {
@@ -357,6 +363,11 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     with 3 carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8
  *     tile that keeps all its counters in registers, over copies of A and
  *     B in "pair form" that save one op in seven.
+ *     Where there are enough rows (vertical_pays: 256 rows of A, 12 words
+ *     or more), the vertical kernel (vert_steps) replaces both: it counts
+ *     pop(a & b) for 256 rows of B at once, one bit of a vector each, over
+ *     B transposed, adding one vector per set bit of a row of A: no XOR,
+ *     at most K / 2 steps, about half the ops per bit pair.
  *     Tried and dropped: a fifth row of A counted by scalar popcnt on the
  *     idle integer pipes (faster on one thread, no faster on two); two
  *     more columns counted that way beside the 1 x 8 Harley-Seal tile
@@ -367,7 +378,15 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     so that no XOR is needed (1.04-1.15x the Harley-Seal kernel in L1,
  *     before the cost of turning its bit-plane counters back into
  *     integers); tiles of 2, 3 or 5 rows of A in the lookup kernel
- *     (0.72-0.94x); prefetching the next B panel (no gain).
+ *     (0.72-0.94x); prefetching the next B panel (no gain); the
+ *     Harley-Seal "fours" counted by scalar popcnt on a stored copy instead
+ *     of the lookup (34 vector ops per 32 word pairs instead of 48, the
+ *     rest on the integer pipes: 0.70-0.90x in L1, reading the copy just
+ *     stored or one stored two steps earlier); the Harley-Seal loop in
+ *     inline asm, fixed registers and one index register (54 instructions
+ *     per 32 word pairs instead of 58: 0.97-1.00x).  That loop is bound by
+ *     the vector pipes: on the shared Zen 3 core it was tuned on, a run of
+ *     independent vpxor did 2.8-3.3 a clock, not 4, and the loop 2.9-3.5.
  *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
  *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
  * The AVX-512 kernel reads the last partial vector of a row with a masked
@@ -375,7 +394,8 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *
  * Cache blocking: the output is cut into blocks of MB rows of A by NB rows
  * of B, one task each (the tile kernel's tasks take a run of blocks, see
- * gemm_task), and K into slices of KC words.  The tile kernel re-reads the
+ * gemm_task; the vertical kernel's take rows of A against all of B, see
+ * vert_task), and K into slices of KC words.  The tile kernel re-reads the
  * NB rows of B (at most 62 KiB in nibble form) once per MR rows of A, and
  * the MR rows of A stay in L1 while it sweeps B; the Harley-Seal kernel
  * goes the other way round, one 8-row panel of B (8 KiB) in L1 against all
@@ -449,6 +469,10 @@ typedef struct {
     long m_blocks;
     long m_run;                 /* blocks of A a task takes (gemm_task) */
     int stream;                 /* int32 output written by non-temporal stores */
+    const uint8_t *bt;          /* AVX2, vertical path: B transposed by blocks of 256 rows */
+    const int32_t *pop_b;       /* ... the popcounts of B's rows */
+    char *scratch;              /* ... a slot of scratch_bytes per thread */
+    size_t scratch_bytes, bt_block_bytes;
 } gemm_args;
 
 static inline long popcount_word(word_t x)
@@ -1126,6 +1150,288 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
 }
 #endif
 
+#if defined(INTERLEAVED_B)
+/* ---- The vertical (bit-sliced) kernel, for rows of VERT_MIN_WORDS words
+ * or more: 256 outputs at once, one per bit of a vector, and no XOR.
+ *
+ * pop(a ^ b) = pop(a) + pop(b) - 2 pop(a & b), and pop(a & b_j) is the
+ * number of set bits k of a where bit k of b_j is set.  So for one row a of
+ * A and a block of 256 rows b_j of B, keep 256 one-bit-wide counters side
+ * by side in a vector and, for each set bit k of a (a "step"), add the
+ * vector of bit k of the 256 rows: B transposed by blocks of 256 rows
+ * (make_vertical), vector k of a block holding bit k of its row j at bit j.
+ * Where a has more set bits than clear ones below K, its clear bits are the
+ * steps instead and pop(a & b) = pop(b) - pop(~a & b): at most K / 2 steps,
+ * each counting 256 bit pairs.
+ * The counters are bit-sliced (vector p holds bit p of every count) and the
+ * steps go in by carry-save adders, Harley-Seal again but down the steps
+ * instead of along a word: 16 steps fold into the running ones, twos, fours
+ * and eights by 15 CSAs, and the carry of weight 16 ripples into the higher
+ * vectors (planes) 2 ops a plane.  About 91 ops per 16 steps of 256 pairs:
+ * 0.7 ops per 64 bit pairs at K / 2 steps, against the Harley-Seal kernel's
+ * 1.5 per word pair, and no XOR or lookup at all.  One core, a block of B
+ * in L2, K = 4096: 2.8-3.2 word pairs a clock, against 1.5-2.1 for
+ * micro_kernel_hs timed in the same minutes (Zen 3, shared).
+ * A row's steps are a list of byte offsets of vectors in a block
+ * (row_steps), made once per row in a task and used against every block of
+ * B, padded to a multiple of 16 with the offset of the block's zero vector.
+ * Last, the planes are turned into 256 integers (vert_counts). */
+#define VERT_LANES 256
+#define VERT_PLANES 14              /* counts <= 64 VERT_MAX_WORDS / 2 < 2^14 */
+#define VERT_MAX_WORDS 256          /* a block of B transposed (K x 32 bytes) within L2 */
+/* Where the vertical kernel is the faster (Zen 3, A/B against the tile and
+ * Harley-Seal kernels in turn, 2 threads): 1.10-1.39x at 10000 rows and
+ * K = 784 to 4096, level at K = 512 (8 words), 0.84-0.92x at K = 256; 1.07-
+ * 1.09x at 256 x 4096 x 4096 and 0.78x at 100 rows, where transposing B
+ * costs more than it saves; 0.67x at 300 x 784 x 300, whose second block
+ * of 256 rows of B is mostly padding. */
+#define VERT_MIN_WORDS 12
+#define VERT_MIN_ROWS 256
+static int vertical_pays(long m, long n, long kw)
+{
+    long lanes = (n + VERT_LANES - 1) / VERT_LANES * VERT_LANES;
+    return kw >= VERT_MIN_WORDS && m >= VERT_MIN_ROWS && 4 * (lanes - n) <= lanes;
+}
+_Static_assert(VERT_LANES == 2 * NB, "a block of B is two panels of the epilogue");
+
+/* Add the steps of one row (groups of 16 byte offsets into the block bt)
+ * to the 256 counters planes[0 .. top - 1]; top is the bit length of the
+ * row's number of steps, so the ripple stops there. */
+__attribute__((noinline))
+static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
+                       __m256i *planes, int top)
+{
+    __m256i ones = planes[0], twos = planes[1], fours = planes[2], eights = planes[3];
+#define STEP(i) _mm256_load_si256((const __m256i *)(bt + steps[i]))
+    for (long g = 0; g < groups; g++, steps += 16) {
+        __m256i ta, tb, fa, fb, ea, eb, sixteens;
+        csa(&ta, &ones, ones, STEP(0), STEP(1));
+        csa(&tb, &ones, ones, STEP(2), STEP(3));
+        csa(&fa, &twos, twos, ta, tb);
+        csa(&ta, &ones, ones, STEP(4), STEP(5));
+        csa(&tb, &ones, ones, STEP(6), STEP(7));
+        csa(&fb, &twos, twos, ta, tb);
+        csa(&ea, &fours, fours, fa, fb);
+        csa(&ta, &ones, ones, STEP(8), STEP(9));
+        csa(&tb, &ones, ones, STEP(10), STEP(11));
+        csa(&fa, &twos, twos, ta, tb);
+        csa(&ta, &ones, ones, STEP(12), STEP(13));
+        csa(&tb, &ones, ones, STEP(14), STEP(15));
+        csa(&fb, &twos, twos, ta, tb);
+        csa(&eb, &fours, fours, fa, fb);
+        csa(&sixteens, &eights, eights, ea, eb);
+        for (int p = 4; p < top; p++) {
+            __m256i carry = _mm256_and_si256(planes[p], sixteens);
+            planes[p] = _mm256_xor_si256(planes[p], sixteens);
+            sixteens = carry;
+        }
+    }
+#undef STEP
+    planes[0] = ones;
+    planes[1] = twos;
+    planes[2] = fours;
+    planes[3] = eights;
+}
+
+/* The 256 counts of planes[0 .. top - 1] as integers, 32 lanes at a time:
+ * each plane's 32 bits spread to 32 bytes (0xff where set), masked with
+ * the plane's weight and or-ed into a low byte (planes 0 - 7) and a high
+ * byte (8 - 15), which unpack into 16-bit and then 32-bit counts. */
+static void vert_counts(const __m256i *planes, int top, int32_t counts[VERT_LANES])
+{
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    for (int c = 0; c < VERT_LANES / 32; c++) {
+        __m256i bytes[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  /* low, high */
+        for (int p = 0; p < top; p++) {
+            uint32_t m;
+            memcpy(&m, (const char *)&planes[p] + 4 * c, 4);
+            __m256i set = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), spread);
+            set = _mm256_cmpeq_epi8(_mm256_and_si256(set, bit), bit);
+            bytes[p / 8] = _mm256_or_si256(bytes[p / 8],
+                                           _mm256_and_si256(set, _mm256_set1_epi8((char)(1 << p % 8))));
+        }
+        /* unpack within 128-bit halves: v0 holds lanes 0-7 and 16-23, v1 8-15 and 24-31 */
+        __m256i v0 = _mm256_unpacklo_epi8(bytes[0], bytes[1]);
+        __m256i v1 = _mm256_unpackhi_epi8(bytes[0], bytes[1]);
+        int32_t *out = counts + 32 * c;
+        _mm256_storeu_si256((__m256i *)out, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v0)));
+        _mm256_storeu_si256((__m256i *)(out + 8), _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v1)));
+        _mm256_storeu_si256((__m256i *)(out + 16), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v0, 1)));
+        _mm256_storeu_si256((__m256i *)(out + 24), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v1, 1)));
+    }
+}
+
+/* bit_offsets[v]: the byte offsets (32 per bit) of the set bits of byte v,
+ * in order; row_steps copies 8 at a time and keeps popcount(v) of them. */
+static uint32_t bit_offsets[256][8] __attribute__((aligned(32)));
+static pthread_once_t bit_offsets_once = PTHREAD_ONCE_INIT;
+
+static void init_bit_offsets(void)
+{
+    for (int v = 0; v < 256; v++)
+        for (int t = 0, n = 0; t < 8; t++)
+            if (v >> t & 1)
+                bit_offsets[v][n++] = 32 * t;
+}
+
+/* Row a's steps (see above) into steps[], padded to a multiple of 16 with
+ * zero_offset; returns their number before padding.  *complement says
+ * whether they are its clear bits, *set_bits is pop(a).  steps[] has room
+ * for 32 kw + 23 entries (8 written past the end at a time). */
+static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
+                      uint32_t *steps, int *complement, long *set_bits)
+{
+    long ones = 0;
+    for (long w = 0; w < kw; w++)
+        ones += popcount_word(a[w]);
+    int flip = ones > k - ones;
+    long n = 0;
+    for (long w = 0; w < kw; w++) {
+        word_t x = flip ? ~a[w] : a[w];
+        if (w == kw - 1 && k % 64 != 0)
+            x &= ((word_t)1 << (k % 64)) - 1;   /* no steps past K */
+        for (int q = 0; q < 8; q++) {
+            unsigned v = (unsigned)(x >> (8 * q)) & 0xff;
+            __m256i offsets = _mm256_add_epi32(_mm256_load_si256((const __m256i *)bit_offsets[v]),
+                                               _mm256_set1_epi32((int)(32 * (64 * w + 8 * q))));
+            _mm256_storeu_si256((__m256i *)(steps + n), offsets);
+            n += __builtin_popcount(v);
+        }
+    }
+    for (long p = n; p % 16 != 0; p++)
+        steps[p] = zero_offset;
+    *complement = flip;
+    *set_bits = ones;
+    return n;
+}
+
+/* One block of 256 rows of B transposed: vector k (32 bytes) holds bit k
+ * of row j0 + t at bit t, for k < 64 kw, then one zero vector; rows past N
+ * are zero.  By 8 x 8 bit transposes: byte q of word w of 8 rows in, the 8
+ * bits 8 q .. 8 q + 7 of those rows out (one byte of 8 vectors). */
+static uint64_t transpose8(uint64_t x)     /* byte t, bit r  <-  byte r, bit t */
+{
+    uint64_t t;
+    t = (x ^ (x >> 7)) & 0x00aa00aa00aa00aaULL;
+    x ^= t ^ (t << 7);
+    t = (x ^ (x >> 14)) & 0x0000cccc0000ccccULL;
+    x ^= t ^ (t << 14);
+    t = (x ^ (x >> 28)) & 0x00000000f0f0f0f0ULL;
+    x ^= t ^ (t << 28);
+    return x;
+}
+
+static void transpose_task(const void *ctx, long block)
+{
+    const gemm_args *g = (const gemm_args *)ctx;
+    long kw = g->kw, j0 = block * VERT_LANES;
+    uint8_t *bt = (uint8_t *)g->bt + block * g->bt_block_bytes;
+    int32_t *pop_b = (int32_t *)g->pop_b + j0;
+    for (long r8 = 0; r8 < VERT_LANES / 8; r8++) {
+        const word_t *rows[8];
+        for (int r = 0; r < 8; r++) {
+            long j = j0 + 8 * r8 + r;
+            rows[r] = j < g->n ? g->b + j * kw : NULL;
+            long ones = 0;
+            for (long w = 0; rows[r] != NULL && w < kw; w++)
+                ones += popcount_word(rows[r][w]);
+            pop_b[8 * r8 + r] = (int32_t)ones;
+        }
+        for (long w = 0; w < kw; w++) {
+            word_t x[8];
+            for (int r = 0; r < 8; r++)
+                x[r] = rows[r] != NULL ? rows[r][w] : 0;
+            for (int q = 0; q < 8; q++) {
+                uint64_t bytes = 0;
+                for (int r = 0; r < 8; r++)
+                    bytes |= (x[r] >> (8 * q) & 0xff) << (8 * r);
+                bytes = transpose8(bytes);
+                uint8_t *out = bt + (64 * w + 8 * q) * 32 + r8;
+                for (int t = 0; t < 8; t++)
+                    out[32 * t] = (uint8_t)(bytes >> (8 * t));
+            }
+        }
+    }
+    memset(bt + 64 * kw * 32, 0, 32);
+}
+
+/* A task of the vertical path: rows m0 .. m1 - 1 of A (at most MB) against
+ * all of B, block by block, so that each row's steps, made once, serve
+ * every block, and each block (K x 32 bytes, in L2) serves all the rows.
+ * Its scratch (the rows' steps, two panels of popcounts, one row's counts)
+ * is its thread's slot of g->scratch. */
+static void vert_task(const void *ctx, long task)
+{
+    const gemm_args *g = (const gemm_args *)ctx;
+    long kw = g->kw, rows = g->m_run, stride = 32 * kw + 24;
+    long m0 = task * rows, m1 = m0 + rows < g->m ? m0 + rows : g->m;
+    char *scratch = g->scratch + (size_t)thread_slot * g->scratch_bytes;
+    int32_t *pop = (int32_t *)scratch;                      /* 2 panels, MB x NB each */
+    int32_t *counts = pop + 2 * MB * NB;                    /* VERT_LANES */
+    uint32_t *steps = (uint32_t *)(counts + VERT_LANES);    /* rows x stride */
+    uint32_t zero_offset = (uint32_t)(64 * kw * 32);
+    long n_steps[MB], set_bits[MB];
+    int complement[MB];
+    for (long i = m0; i < m1; i++)
+        n_steps[i - m0] = row_steps(g->a + i * kw, kw, g->k, zero_offset, steps + (i - m0) * stride,
+                                    &complement[i - m0], &set_bits[i - m0]);
+    for (long j0 = 0; j0 < g->n; j0 += VERT_LANES) {
+        const uint8_t *bt = g->bt + j0 / VERT_LANES * g->bt_block_bytes;
+        const int32_t *pop_b = g->pop_b + j0;
+        long lanes = g->n - j0 < VERT_LANES ? g->n - j0 : VERT_LANES;
+        for (long i = m0; i < m1; i++) {
+            __m256i planes[VERT_PLANES] = {0};
+            long n = n_steps[i - m0];
+            int top = n == 0 ? 0 : 64 - __builtin_clzl((unsigned long)n);
+            vert_steps(bt, steps + (i - m0) * stride, (n + 15) / 16, planes, top);
+            vert_counts(planes, top, counts);
+            /* pop(a ^ b) = pop(a) + pop(b) - 2 pop(a & b), pop(a & b) = count
+             * or, over the clear bits of a, pop(b) - count */
+            int32_t sign = complement[i - m0] ? -1 : 1, ones = (int32_t)set_bits[i - m0];
+            for (long half = 0; half < 2; half++) {
+                int32_t *out = pop + half * MB * NB + (i - m0) * NB;
+                const int32_t *c = counts + half * NB, *pb = pop_b + half * NB;
+                for (long t = 0; t < NB; t++)           /* vectorized by gcc */
+                    out[t] = ones + sign * (pb[t] - 2 * c[t]);
+            }
+        }
+        for (long half = 0; half * NB < lanes; half++) {
+            long n0 = j0 + half * NB, n1 = j0 + lanes < n0 + NB ? j0 + lanes : n0 + NB;
+            epilogue(g, pop + half * MB * NB, m0, m1, n0, n1);
+        }
+    }
+    if (g->stream)
+        _mm_sfence();       /* this thread's streamed lines, out before the job ends */
+}
+
+/* The vertical path's buffers, in one allocation that the caller frees:
+ * B transposed (g->bt, filled here in parallel), the popcounts of B's rows
+ * (g->pop_b) and a scratch slot per thread (g->scratch); NULL if memory is
+ * short.  Tasks of m_run rows: enough for about 8 a thread, at most MB. */
+static char *make_vertical(gemm_args *g, int n_threads)
+{
+    long blocks = (g->n + VERT_LANES - 1) / VERT_LANES;
+    int slots = n_threads > 1 ? n_threads : 1;
+    long tasks = 8L * slots, rows = (g->m + tasks - 1) / tasks;
+    g->m_run = rows < 1 ? 1 : rows < MB ? rows : MB;
+    g->bt_block_bytes = (64 * g->kw + 1) * 32;
+    g->scratch_bytes = ((2 * MB * NB + VERT_LANES) * sizeof(int32_t) +
+                        (size_t)g->m_run * (32 * g->kw + 24) * sizeof(uint32_t) + 63) & ~(size_t)63;
+    size_t bt_bytes = (size_t)blocks * g->bt_block_bytes, pop_bytes = (size_t)blocks * VERT_LANES * 4;
+    char *buffer = aligned_alloc(64, bt_bytes + pop_bytes + slots * g->scratch_bytes);
+    if (buffer == NULL)
+        return NULL;
+    g->bt = (const uint8_t *)buffer;
+    g->pop_b = (const int32_t *)(buffer + bt_bytes);
+    g->scratch = buffer + bt_bytes + pop_bytes;
+    pthread_once(&bit_offsets_once, init_bit_offsets);
+    run_parallel(transpose_task, g, blocks, n_threads);
+    return buffer;
+}
+#endif
+
 /* One K slice of a block of the ordinary GEMM: register tiles, then edges.
  * panel: the block's rows of B in nibble form (AVX2 tile kernel), or NULL. */
 static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, long m0, long m1,
@@ -1400,6 +1706,16 @@ void bnn_use_work_buffers(int on)
     use_work_buffers = on;
 }
 
+/* For the tests (AVX2): 1 runs every product the vertical kernel can take
+ * (rows of at most VERT_MAX_WORDS words, planes == 1) through it, 0 none,
+ * -1 (the default) those where it pays (vertical_pays). */
+static int use_vertical = -1;
+
+void bnn_use_vertical(int mode)
+{
+    use_vertical = mode;
+}
+
 /* For the tests: 1 streams every int32 output, 0 none, -1 (the default)
  * those larger than the last-level cache. */
 static int stream_outputs = -1;
@@ -1432,6 +1748,15 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
     g.stream = threshold == NULL && (stream_outputs < 0 ? out_bytes > last_level_cache()
                                                         : stream_outputs);
 #if defined(INTERLEAVED_B)
+    if (planes == 1 && use_work_buffers && g.kw <= VERT_MAX_WORDS &&
+        (use_vertical < 0 ? vertical_pays(m, n, g.kw) : use_vertical)) {
+        char *vertical = make_vertical(&g, n_threads);
+        if (vertical != NULL) {
+            run_parallel(vert_task, &g, (g.m + g.m_run - 1) / g.m_run, n_threads);
+            free(vertical);
+            return;
+        }
+    }
     if (planes == 1 && use_work_buffers)
         copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */
     if (copies != NULL && !g.harley_seal)

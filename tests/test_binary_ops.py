@@ -122,6 +122,50 @@ def test_xnor_matmul_counters_at_their_limit(cpu_path, k):
     assert torch.equal(bo.xnor_matmul(a, b, kernel=cpu_path), reference_matmul(a, b))
 
 
+def rows_at_the_edges(a):
+    """Rows of A whose steps in the AVX2 vertical kernel are extreme: all +1
+    (K set bits, counted over their clear bits: no step), all -1 (no set
+    bit), exactly half set (a tie, counted over the set bits) and one more
+    (counted over the clear bits)."""
+    k = a.shape[1]
+    a[0], a[1] = 1.0, -1.0
+    a[2], a[3] = -1.0, -1.0
+    a[2, : k // 2] = 1.0
+    a[3, : k // 2 + 1] = 1.0
+    return a
+
+
+# The AVX2 vertical kernel forced on (1) and off (0: the tile or the
+# Harley-Seal kernel), whether or not it would be chosen (vertical_pays).
+# (257, 2048 + 5, 300): a K tail, one block of 256 rows of B and 44 more;
+# (300, 4096, 129): one panel of the epilogue and 1 column; (256, 2048, 1):
+# one column; (260, 64 * 256, 40): the longest rows it takes (VERT_MAX_WORDS);
+# (33, 784, 1000): MNIST's K (a short last word), tasks of a few rows;
+# (5, 64, 7): one word.
+@needs_c
+@pytest.mark.parametrize("vertical", [1, 0])
+@pytest.mark.parametrize("m,k,n", [(257, 2048 + 5, 300), (300, 4096, 129), (256, 2048, 1),
+                                   (260, 64 * 256, 40), (33, 784, 1000), (5, 64, 7)])
+def test_vertical_kernel_exact(vertical, m, k, n):
+    lib = cpu_kernels.library()
+    a, b = random_operands(m, k, n, seed=m + k + n)
+    a = rows_at_the_edges(a)
+    a_words, b_words = bo.pack(a), bo.pack(b.T)
+    expected = reference_matmul(a, b)
+    lib.bnn_use_vertical(vertical)
+    try:
+        assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1).float(), expected)
+        threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)  # ties
+        threshold[::3] += 1
+        fired = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1, threshold)
+        assert torch.equal(fired, bo.fire_torch(expected.to(torch.int32), threshold))
+        lib.bnn_stream_outputs(1)           # non-temporal stores, as for large outputs
+        assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1).float(), expected)
+    finally:
+        lib.bnn_use_vertical(-1)
+        lib.bnn_stream_outputs(-1)
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 40), k=st.integers(1, 300), n=st.integers(1, 140),
        seed=st.integers(0, 2**31), zeros=st.sampled_from([0.0, 0.3, 1.0]))
@@ -205,6 +249,12 @@ def test_each_micro_kernel_variant(tmp_path, variant):
     assert torch.equal(a_words, bo.pack_torch(a))
     out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1)
     assert torch.equal(out.float(), reference_matmul(a, b))
+    lib.bnn_use_vertical(1)         # AVX2: the vertical kernel; elsewhere a no-op
+    tall_a, tall_b = random_operands(40, 2048 + 3, 70, seed=12)
+    out = cpu_kernels.xnor_gemm(lib, cpu_kernels.pack(lib, tall_a),
+                                cpu_kernels.pack(lib, tall_b.T.contiguous()), tall_a.shape[1], 1)
+    assert torch.equal(out.float(), reference_matmul(tall_a, tall_b))
+    lib.bnn_use_vertical(-1)
 
     pixels = torch.randint(0, 256, (9, 790), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     planes = cpu_kernels.pack_planes(lib, pixels)
