@@ -1177,7 +1177,8 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
  * B, padded to a multiple of 16 with the offset of the block's zero vector.
  * Last, the planes are turned into 256 integers (vert_counts). */
 #define VERT_LANES 256
-#define VERT_PLANES 14              /* counts <= 64 VERT_MAX_WORDS / 2 < 2^14 */
+#define VERT_PLANES 24              /* counts <= 255 * 64 VERT_MAX_WORDS / 2 < 2^22, with room
+                                       for the 4 running planes above the last bit plane */
 #define VERT_MAX_WORDS 256          /* a block of B transposed (K x 32 bytes) within L2 */
 /* Where the vertical kernel is the faster (Zen 3, A/B against the tile and
  * Harley-Seal kernels in turn, 2 threads): 1.10-1.39x at 10000 rows and
@@ -1233,17 +1234,17 @@ static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
     planes[3] = eights;
 }
 
-/* The 256 counts of planes[0 .. top - 1] as integers, 32 lanes at a time:
- * each plane's 32 bits spread to 32 bytes (0xff where set), masked with
- * the plane's weight and or-ed into a low byte (planes 0 - 7) and a high
- * byte (8 - 15), which unpack into 16-bit and then 32-bit counts. */
+/* The 256 counts of planes[0 .. top - 1] (top <= 24) as integers, 32
+ * lanes at a time: each plane's 32 bits spread to 32 bytes (0xff where
+ * set), masked with the plane's weight and or-ed into byte 0, 1 or 2 of
+ * the counts (planes 0 - 7, 8 - 15, 16 - 23), which widen to 32 bits. */
 static void vert_counts(const __m256i *planes, int top, int32_t counts[VERT_LANES])
 {
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                             2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
     for (int c = 0; c < VERT_LANES / 32; c++) {
-        __m256i bytes[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};  /* low, high */
+        __m256i bytes[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int p = 0; p < top; p++) {
             uint32_t m;
             memcpy(&m, (const char *)&planes[p] + 4 * c, 4);
@@ -1255,11 +1256,17 @@ static void vert_counts(const __m256i *planes, int top, int32_t counts[VERT_LANE
         /* unpack within 128-bit halves: v0 holds lanes 0-7 and 16-23, v1 8-15 and 24-31 */
         __m256i v0 = _mm256_unpacklo_epi8(bytes[0], bytes[1]);
         __m256i v1 = _mm256_unpackhi_epi8(bytes[0], bytes[1]);
-        int32_t *out = counts + 32 * c;
-        _mm256_storeu_si256((__m256i *)out, _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v0)));
-        _mm256_storeu_si256((__m256i *)(out + 8), _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v1)));
-        _mm256_storeu_si256((__m256i *)(out + 16), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v0, 1)));
-        _mm256_storeu_si256((__m256i *)(out + 24), _mm256_cvtepu16_epi32(_mm256_extracti128_si256(v1, 1)));
+        __m128i w[4] = {_mm256_castsi256_si128(v0), _mm256_castsi256_si128(v1),
+                        _mm256_extracti128_si256(v0, 1), _mm256_extracti128_si256(v1, 1)};
+        for (int q = 0; q < 4; q++) {
+            __m256i count = _mm256_cvtepu16_epi32(w[q]);
+            if (top > 16) {         /* byte 2: lanes 8 q .. 8 q + 7 of bytes[2] */
+                __m128i third = q < 2 ? _mm256_castsi256_si128(bytes[2]) : _mm256_extracti128_si256(bytes[2], 1);
+                third = q % 2 ? _mm_srli_si128(third, 8) : third;
+                count = _mm256_add_epi32(count, _mm256_slli_epi32(_mm256_cvtepu8_epi32(third), 16));
+            }
+            _mm256_storeu_si256((__m256i *)(counts + 32 * c + 8 * q), count);
+        }
     }
 }
 
@@ -1357,44 +1364,78 @@ static void transpose_task(const void *ctx, long block)
     memset(bt + 64 * kw * 32, 0, 32);
 }
 
-/* A task of the vertical path: rows m0 .. m1 - 1 of A (at most MB) against
- * all of B, block by block, so that each row's steps, made once, serve
- * every block, and each block (K x 32 bytes, in L2) serves all the rows.
- * Its scratch (the rows' steps, two panels of popcounts, one row's counts)
- * is its thread's slot of g->scratch. */
+/* A task of the vertical path: output rows m0 .. m1 - 1 (at most MB; rows
+ * of A, or images of 8 bit-plane rows) against all of B, block by block,
+ * so that each row's steps, made once, serve every block, and each block
+ * (K x 32 bytes, in L2) serves all the rows.
+ * Bit planes: P = sum_p 2^p pop(a_p ^ b).  Plane p's steps are added at
+ * level p of the counters (planes + p), which adds 2^p times its count;
+ * planes counted over their clear bits go to a second set of counters,
+ * since their counts enter with the other sign:
+ *   P = sum_p 2^p pop(a_p) + pop(b) sum_p 2^p s_p - 2 (plus - minus),
+ * s_p = -1 for those planes, +1 for the others.
+ * The scratch (the steps, two panels of popcounts, the counts) is the
+ * thread's slot of g->scratch. */
+typedef struct {
+    long n[PLANES];             /* steps of each plane (row) before padding */
+    int complement[PLANES];
+    int32_t base, sign;         /* sum_p 2^p pop(a_p), sum_p 2^p s_p */
+    long total[2];              /* bounds of the plus and minus counts */
+} vert_row;
+
+static int bit_length(long x)
+{
+    return x == 0 ? 0 : 64 - __builtin_clzl((unsigned long)x);
+}
+
 static void vert_task(const void *ctx, long task)
 {
     const gemm_args *g = (const gemm_args *)ctx;
-    long kw = g->kw, rows = g->m_run, stride = 32 * kw + 24;
-    long m0 = task * rows, m1 = m0 + rows < g->m ? m0 + rows : g->m;
+    long kw = g->kw, planes = g->planes, stride = 32 * kw + 24;
+    long m0 = task * g->m_run, m1 = m0 + g->m_run < g->m / planes ? m0 + g->m_run : g->m / planes;
     char *scratch = g->scratch + (size_t)thread_slot * g->scratch_bytes;
     int32_t *pop = (int32_t *)scratch;                      /* 2 panels, MB x NB each */
-    int32_t *counts = pop + 2 * MB * NB;                    /* VERT_LANES */
-    uint32_t *steps = (uint32_t *)(counts + VERT_LANES);    /* rows x stride */
+    int32_t *counts = pop + 2 * MB * NB;                    /* plus and minus, VERT_LANES each */
+    uint32_t *steps = (uint32_t *)(counts + 2 * VERT_LANES);  /* rows x planes x stride */
     uint32_t zero_offset = (uint32_t)(64 * kw * 32);
-    long n_steps[MB], set_bits[MB];
-    int complement[MB];
-    for (long i = m0; i < m1; i++)
-        n_steps[i - m0] = row_steps(g->a + i * kw, kw, g->k, zero_offset, steps + (i - m0) * stride,
-                                    &complement[i - m0], &set_bits[i - m0]);
+    vert_row rows[MB];
+    for (long i = m0; i < m1; i++) {
+        vert_row *r = &rows[i - m0];
+        r->base = r->sign = 0;
+        r->total[0] = r->total[1] = 0;
+        for (long p = 0; p < planes; p++) {
+            long ones;
+            r->n[p] = row_steps(g->a + (i * planes + p) * kw, kw, g->k, zero_offset,
+                                steps + ((i - m0) * planes + p) * stride, &r->complement[p], &ones);
+            r->base += (int32_t)(ones << p);
+            r->sign += r->complement[p] ? -(1 << p) : 1 << p;
+            r->total[r->complement[p]] += r->n[p] << p;
+        }
+    }
     for (long j0 = 0; j0 < g->n; j0 += VERT_LANES) {
         const uint8_t *bt = g->bt + j0 / VERT_LANES * g->bt_block_bytes;
         const int32_t *pop_b = g->pop_b + j0;
         long lanes = g->n - j0 < VERT_LANES ? g->n - j0 : VERT_LANES;
         for (long i = m0; i < m1; i++) {
-            __m256i planes[VERT_PLANES] = {0};
-            long n = n_steps[i - m0];
-            int top = n == 0 ? 0 : 64 - __builtin_clzl((unsigned long)n);
-            vert_steps(bt, steps + (i - m0) * stride, (n + 15) / 16, planes, top);
-            vert_counts(planes, top, counts);
-            /* pop(a ^ b) = pop(a) + pop(b) - 2 pop(a & b), pop(a & b) = count
-             * or, over the clear bits of a, pop(b) - count */
-            int32_t sign = complement[i - m0] ? -1 : 1, ones = (int32_t)set_bits[i - m0];
+            const vert_row *r = &rows[i - m0];
+            __m256i sums[2][VERT_PLANES];                   /* plus, minus */
+            memset(sums, 0, sizeof sums);
+            for (long p = 0; p < planes; p++) {
+                int c = r->complement[p];
+                vert_steps(bt, steps + ((i - m0) * planes + p) * stride, (r->n[p] + 15) / 16,
+                           sums[c] + p, bit_length(r->total[c]) - (int)p);
+            }
+            vert_counts(sums[0], bit_length(r->total[0]), counts);
+            if (r->total[1] > 0)
+                vert_counts(sums[1], bit_length(r->total[1]), counts + VERT_LANES);
+            else
+                memset(counts + VERT_LANES, 0, VERT_LANES * sizeof(int32_t));
             for (long half = 0; half < 2; half++) {
                 int32_t *out = pop + half * MB * NB + (i - m0) * NB;
-                const int32_t *c = counts + half * NB, *pb = pop_b + half * NB;
+                const int32_t *plus = counts + half * NB, *minus = plus + VERT_LANES;
+                const int32_t *pb = pop_b + half * NB;
                 for (long t = 0; t < NB; t++)           /* vectorized by gcc */
-                    out[t] = ones + sign * (pb[t] - 2 * c[t]);
+                    out[t] = r->base + r->sign * pb[t] - 2 * (plus[t] - minus[t]);
             }
         }
         for (long half = 0; half * NB < lanes; half++) {
@@ -1412,13 +1453,14 @@ static void vert_task(const void *ctx, long task)
  * short.  Tasks of m_run rows: enough for about 8 a thread, at most MB. */
 static char *make_vertical(gemm_args *g, int n_threads)
 {
-    long blocks = (g->n + VERT_LANES - 1) / VERT_LANES;
+    long blocks = (g->n + VERT_LANES - 1) / VERT_LANES, m = g->m / g->planes;
     int slots = n_threads > 1 ? n_threads : 1;
-    long tasks = 8L * slots, rows = (g->m + tasks - 1) / tasks;
+    long tasks = 8L * slots, rows = (m + tasks - 1) / tasks;
     g->m_run = rows < 1 ? 1 : rows < MB ? rows : MB;
     g->bt_block_bytes = (64 * g->kw + 1) * 32;
-    g->scratch_bytes = ((2 * MB * NB + VERT_LANES) * sizeof(int32_t) +
-                        (size_t)g->m_run * (32 * g->kw + 24) * sizeof(uint32_t) + 63) & ~(size_t)63;
+    g->scratch_bytes = ((2 * MB * NB + 2 * VERT_LANES) * sizeof(int32_t) +
+                        (size_t)g->m_run * g->planes * (32 * g->kw + 24) * sizeof(uint32_t) + 63) &
+                       ~(size_t)63;
     size_t bt_bytes = (size_t)blocks * g->bt_block_bytes, pop_bytes = (size_t)blocks * VERT_LANES * 4;
     char *buffer = aligned_alloc(64, bt_bytes + pop_bytes + slots * g->scratch_bytes);
     if (buffer == NULL)
@@ -1748,11 +1790,11 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
     g.stream = threshold == NULL && (stream_outputs < 0 ? out_bytes > last_level_cache()
                                                         : stream_outputs);
 #if defined(INTERLEAVED_B)
-    if (planes == 1 && use_work_buffers && g.kw <= VERT_MAX_WORDS &&
-        (use_vertical < 0 ? vertical_pays(m, n, g.kw) : use_vertical)) {
+    if (use_work_buffers && g.kw <= VERT_MAX_WORDS &&
+        (use_vertical < 0 ? vertical_pays(m * planes, n, g.kw) : use_vertical)) {
         char *vertical = make_vertical(&g, n_threads);
         if (vertical != NULL) {
-            run_parallel(vert_task, &g, (g.m + g.m_run - 1) / g.m_run, n_threads);
+            run_parallel(vert_task, &g, (m + g.m_run - 1) / g.m_run, n_threads);
             free(vertical);
             return;
         }

@@ -125,13 +125,15 @@ def test_xnor_matmul_counters_at_their_limit(cpu_path, k):
 def rows_at_the_edges(a):
     """Rows of A whose steps in the AVX2 vertical kernel are extreme: all +1
     (K set bits, counted over their clear bits: no step), all -1 (no set
-    bit), exactly half set (a tie, counted over the set bits) and one more
-    (counted over the clear bits)."""
+    bit), exactly half set (a tie, counted over the set bits), one more
+    (counted over the clear bits) and all but one (one step, over the clear
+    bits)."""
     k = a.shape[1]
     a[0], a[1] = 1.0, -1.0
     a[2], a[3] = -1.0, -1.0
     a[2, : k // 2] = 1.0
     a[3, : k // 2 + 1] = 1.0
+    a[4], a[4, -1] = 1.0, -1.0
     return a
 
 
@@ -164,6 +166,35 @@ def test_vertical_kernel_exact(vertical, m, k, n):
     finally:
         lib.bnn_use_vertical(-1)
         lib.bnn_stream_outputs(-1)
+
+
+@needs_c
+@pytest.mark.parametrize("vertical", [1, 0])
+@pytest.mark.parametrize("m,k,n", [(40, 784, 300), (3, 2048 + 7, 40)])
+def test_vertical_kernel_bit_planes(vertical, m, k, n):
+    """The first layer on 8 bit planes through the vertical kernel (forced on
+    and off): plane p counted at level p of its counters, planes with more
+    set bits than clear ones (all of a 255 image, none of a 0 image) on the
+    counters of the other sign, counts of 17 and 18 bits."""
+    lib = cpu_kernels.library()
+    gen = torch.Generator().manual_seed(k + n)
+    pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+    pixels[0], pixels[1] = 255, 0
+    pixels[2, : k // 3] = 0                             # MNIST-like: mostly background
+    pixels[-1] = torch.arange(k) % 2 * 255              # every plane half set ...
+    w = torch.where(torch.rand(n, k, generator=gen) < 0.5, 1.0, -1.0)
+    w[0] = torch.where(pixels[-1] > 0, 1.0, -1.0)       # ... and matched: counts past 2^16
+    planes, w_words = bo.bit_planes(pixels), bo.pack(w)
+    expected = (2 * pixels.long() - 255) @ w.long().T
+    lib.bnn_use_vertical(vertical)
+    try:
+        assert torch.equal(cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8).long(), expected)
+        threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)  # ties
+        threshold[::3] += 1
+        fired = cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8, threshold)
+        assert torch.equal(fired, bo.fire_torch(expected.to(torch.int32), threshold))
+    finally:
+        lib.bnn_use_vertical(-1)
 
 
 @settings(max_examples=25, deadline=None)
