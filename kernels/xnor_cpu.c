@@ -1201,6 +1201,25 @@ static int vertical_pays(long m, long n, long kw)
 }
 _Static_assert(VERT_LANES == 2 * NB, "a block of B is two panels of the epilogue");
 
+/* 8 steps (byte offsets into the block bt) folded into the running ones,
+ * twos and fours by 7 CSAs; returns their carry, of weight 8. */
+static inline __attribute__((always_inline))
+__m256i fold_8_steps(const uint8_t *bt, const uint32_t *steps,
+                     __m256i *ones, __m256i *twos, __m256i *fours)
+{
+#define STEP(i) _mm256_load_si256((const __m256i *)(bt + steps[i]))
+    __m256i ta, tb, fa, fb, eights;
+    csa(&ta, ones, *ones, STEP(0), STEP(1));
+    csa(&tb, ones, *ones, STEP(2), STEP(3));
+    csa(&fa, twos, *twos, ta, tb);
+    csa(&ta, ones, *ones, STEP(4), STEP(5));
+    csa(&tb, ones, *ones, STEP(6), STEP(7));
+    csa(&fb, twos, *twos, ta, tb);
+    csa(&eights, fours, *fours, fa, fb);
+#undef STEP
+    return eights;
+}
+
 /* Add the steps of one row (groups of 16 byte offsets into the block bt)
  * to the 256 counters planes[0 .. top - 1]; top is the bit length of the
  * row's number of steps, so the ripple stops there. */
@@ -1209,23 +1228,10 @@ static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
                        __m256i *planes, int top)
 {
     __m256i ones = planes[0], twos = planes[1], fours = planes[2], eights = planes[3];
-#define STEP(i) _mm256_load_si256((const __m256i *)(bt + steps[i]))
     for (long g = 0; g < groups; g++, steps += 16) {
-        __m256i ta, tb, fa, fb, ea, eb, sixteens;
-        csa(&ta, &ones, ones, STEP(0), STEP(1));
-        csa(&tb, &ones, ones, STEP(2), STEP(3));
-        csa(&fa, &twos, twos, ta, tb);
-        csa(&ta, &ones, ones, STEP(4), STEP(5));
-        csa(&tb, &ones, ones, STEP(6), STEP(7));
-        csa(&fb, &twos, twos, ta, tb);
-        csa(&ea, &fours, fours, fa, fb);
-        csa(&ta, &ones, ones, STEP(8), STEP(9));
-        csa(&tb, &ones, ones, STEP(10), STEP(11));
-        csa(&fa, &twos, twos, ta, tb);
-        csa(&ta, &ones, ones, STEP(12), STEP(13));
-        csa(&tb, &ones, ones, STEP(14), STEP(15));
-        csa(&fb, &twos, twos, ta, tb);
-        csa(&eb, &fours, fours, fa, fb);
+        __m256i ea = fold_8_steps(bt, steps, &ones, &twos, &fours);
+        __m256i eb = fold_8_steps(bt, steps + 8, &ones, &twos, &fours);
+        __m256i sixteens;
         csa(&sixteens, &eights, eights, ea, eb);
         for (int p = 4; p < top; p++) {
             __m256i carry = _mm256_and_si256(planes[p], sixteens);
@@ -1233,7 +1239,6 @@ static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
             sixteens = carry;
         }
     }
-#undef STEP
     planes[0] = ones;
     planes[1] = twos;
     planes[2] = fours;

@@ -137,6 +137,16 @@ def rows_at_the_edges(a):
     return a
 
 
+def assert_fires_as_reference(lib, a_words, b_words, k, planes, expected):
+    """The C kernel's threshold epilogue against fire_torch on the expected
+    dot products, with thresholds that some outputs reach exactly (ties)."""
+    m, n = expected.shape
+    threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)
+    threshold[::3] += 1
+    fired = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, planes, threshold)
+    assert torch.equal(fired, bo.fire_torch(expected.to(torch.int32), threshold))
+
+
 # The AVX2 vertical kernel forced on (1) and off (0: the tile or the
 # Harley-Seal kernel), whether or not it would be chosen (vertical_pays).
 # (257, 2048 + 5, 300): a K tail, one block of 256 rows of B and 44 more;
@@ -157,10 +167,7 @@ def test_vertical_kernel_exact(vertical, m, k, n):
     lib.bnn_use_vertical(vertical)
     try:
         assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1).float(), expected)
-        threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)  # ties
-        threshold[::3] += 1
-        fired = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1, threshold)
-        assert torch.equal(fired, bo.fire_torch(expected.to(torch.int32), threshold))
+        assert_fires_as_reference(lib, a_words, b_words, k, 1, expected)
         lib.bnn_stream_outputs(1)           # non-temporal stores, as for large outputs
         assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1).float(), expected)
     finally:
@@ -189,10 +196,7 @@ def test_vertical_kernel_bit_planes(vertical, m, k, n):
     lib.bnn_use_vertical(vertical)
     try:
         assert torch.equal(cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8).long(), expected)
-        threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)  # ties
-        threshold[::3] += 1
-        fired = cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8, threshold)
-        assert torch.equal(fired, bo.fire_torch(expected.to(torch.int32), threshold))
+        assert_fires_as_reference(lib, planes, w_words, k, 8, expected)
     finally:
         lib.bnn_use_vertical(-1)
 
