@@ -363,7 +363,7 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     with 3 carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8
  *     tile that keeps all its counters in registers, over copies of A and
  *     B in "pair form" that save one op in seven.
- *     Where there are enough rows (vertical_pays: 256 rows of A, 12 words
+ *     Where there are enough rows (vertical_pays: 192 rows of A, 12 words
  *     or more), the vertical kernel (vert_steps) replaces both: it counts
  *     pop(a & b) for 256 rows of B at once, one bit of a vector each, over
  *     B transposed, adding one vector per set bit of a row of A: no XOR,
@@ -1188,12 +1188,13 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
 #define VERT_MAX_WORDS 256          /* a block of B transposed (K x 32 bytes) within L2 */
 /* Where the vertical kernel is the faster (Zen 3, A/B against the tile and
  * Harley-Seal kernels in turn, 2 threads): 1.10-1.39x at 10000 rows and
- * K = 784 to 4096, level at K = 512 (8 words), 0.84-0.92x at K = 256; 1.07-
- * 1.09x at 256 x 4096 x 4096 and 0.78x at 100 rows, where transposing B
- * costs more than it saves; 0.67x at 300 x 784 x 300, whose second block
- * of 256 rows of B is mostly padding. */
+ * K = 784 to 4096, level at K = 512 (8 words), 0.84-0.92x at K = 256;
+ * 1.07x at 192 x 784 x 4096 and 1.27-1.32x at 192 x 2048 x 2048, but
+ * 0.95-0.96x at 128 x 784 x 4096, where transposing B and turning the
+ * counters into integers cost more than they save; 0.67x at 300 x 784 x
+ * 300, whose second block of 256 rows of B is mostly padding. */
 #define VERT_MIN_WORDS 12
-#define VERT_MIN_ROWS 256
+#define VERT_MIN_ROWS 192
 static int vertical_pays(long m, long n, long kw)
 {
     long lanes = (n + VERT_LANES - 1) / VERT_LANES * VERT_LANES;
@@ -1327,18 +1328,51 @@ static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
 
 /* One block of 256 rows of B transposed: vector k (32 bytes) holds bit k
  * of row j0 + t at bit t, for k < 64 kw, then one zero vector; rows past N
- * are zero.  By 8 x 8 bit transposes: byte q of word w of 8 rows in, the 8
- * bits 8 q .. 8 q + 7 of those rows out (one byte of 8 vectors). */
-static uint64_t transpose8(uint64_t x)     /* byte t, bit r  <-  byte r, bit t */
+ * are zero.  32 rows at a time: vpmovmskb collects bit 7 of 32 bytes, so
+ * with byte q of word w of the 32 rows side by side in a vector (V_q), it
+ * gives bit 8 q + 7 of all of them, and doubling the bytes brings up bits
+ * 8 q + 6, ... 8 q.  V_q is built from gathers of one 4-byte half of the
+ * word of 8 rows each (rows past N masked out): a vpshufb groups each
+ * 128-bit lane's 4 rows by byte, a vpermd pairs the two lanes, and the 4
+ * gathers' byte-q quarters are brought together by unpacks and lane
+ * permutes. */
+static void transpose_32_rows(const word_t *rows, long kw, long valid, uint8_t *bt, int group)
 {
-    uint64_t t;
-    t = (x ^ (x >> 7)) & 0x00aa00aa00aa00aaULL;
-    x ^= t ^ (t << 7);
-    t = (x ^ (x >> 14)) & 0x0000cccc0000ccccULL;
-    x ^= t ^ (t << 14);
-    t = (x ^ (x >> 28)) & 0x00000000f0f0f0f0ULL;
-    x ^= t ^ (t << 28);
-    return x;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i stride = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)(2 * kw)));
+    const __m256i by_byte = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                             0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i masks[4];
+    for (int i = 0; i < 4; i++)
+        masks[i] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(valid - 8 * i)), lane);
+    for (long w = 0; w < kw; w++) {
+        for (int h = 0; h < 2; h++) {       /* bytes 4 h .. 4 h + 3 of the word */
+            __m256i p[4];                   /* qword q: byte 4 h + q of rows 8 i .. 8 i + 7 */
+            for (int i = 0; i < 4; i++) {
+                __m256i d = _mm256_setzero_si256();
+                if (8 * i < valid)
+                    d = _mm256_mask_i32gather_epi32(d, (const int *)(rows + 8 * i * kw + w) + h,
+                                                    stride, masks[i], 4);
+                p[i] = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(d, by_byte), pairs);
+            }
+            __m256i lo01 = _mm256_unpacklo_epi64(p[0], p[1]), hi01 = _mm256_unpackhi_epi64(p[0], p[1]);
+            __m256i lo23 = _mm256_unpacklo_epi64(p[2], p[3]), hi23 = _mm256_unpackhi_epi64(p[2], p[3]);
+            __m256i v[4] = {_mm256_permute2x128_si256(lo01, lo23, 0x20),
+                            _mm256_permute2x128_si256(hi01, hi23, 0x20),
+                            _mm256_permute2x128_si256(lo01, lo23, 0x31),
+                            _mm256_permute2x128_si256(hi01, hi23, 0x31)};
+            for (int q = 0; q < 4; q++) {
+                uint8_t *out = bt + (64 * w + 8 * (4 * h + q) + 7) * 32 + 4 * group;
+                __m256i x = v[q];
+                for (int t = 7; t >= 0; t--, out -= 32) {
+                    uint32_t m = (uint32_t)_mm256_movemask_epi8(x);
+                    memcpy(out, &m, 4);
+                    x = _mm256_add_epi8(x, x);
+                }
+            }
+        }
+    }
 }
 
 static void transpose_task(const void *ctx, long block)
@@ -1347,30 +1381,19 @@ static void transpose_task(const void *ctx, long block)
     long kw = g->kw, j0 = block * VERT_LANES;
     uint8_t *bt = (uint8_t *)g->bt + block * g->bt_block_bytes;
     int32_t *pop_b = (int32_t *)g->pop_b + j0;
-    for (long r8 = 0; r8 < VERT_LANES / 8; r8++) {
-        const word_t *rows[8];
-        for (int r = 0; r < 8; r++) {
-            long j = j0 + 8 * r8 + r;
-            rows[r] = j < g->n ? g->b + j * kw : NULL;
-            long ones = 0;
-            for (long w = 0; rows[r] != NULL && w < kw; w++)
-                ones += popcount_word(rows[r][w]);
-            pop_b[8 * r8 + r] = (int32_t)ones;
-        }
-        for (long w = 0; w < kw; w++) {
-            word_t x[8];
-            for (int r = 0; r < 8; r++)
-                x[r] = rows[r] != NULL ? rows[r][w] : 0;
-            for (int q = 0; q < 8; q++) {
-                uint64_t bytes = 0;
-                for (int r = 0; r < 8; r++)
-                    bytes |= (x[r] >> (8 * q) & 0xff) << (8 * r);
-                bytes = transpose8(bytes);
-                uint8_t *out = bt + (64 * w + 8 * q) * 32 + r8;
-                for (int t = 0; t < 8; t++)
-                    out[32 * t] = (uint8_t)(bytes >> (8 * t));
-            }
-        }
+    for (long t = 0; t < VERT_LANES; t++) {
+        long ones = 0;
+        for (long w = 0; j0 + t < g->n && w < kw; w++)
+            ones += popcount_word(g->b[(j0 + t) * kw + w]);
+        pop_b[t] = (int32_t)ones;
+    }
+    for (int group = 0; group < VERT_LANES / 32; group++) {
+        long r0 = j0 + 32 * group, valid = g->n - r0 < 32 ? g->n - r0 : 32;
+        if (valid > 0)
+            transpose_32_rows(g->b + r0 * kw, kw, valid, bt, group);
+        else
+            for (long k = 0; k < 64 * kw; k++)
+                memset(bt + k * 32 + 4 * group, 0, 4);
     }
     memset(bt + 64 * kw * 32, 0, 32);
 }
