@@ -1179,6 +1179,9 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
  * (row_steps), made once per row in a task and used against every block of
  * B, padded to a multiple of 16 with the offset of the block's zero vector.
  * Last, the planes are turned into 256 integers (vert_counts).
+ * Tails: rows of B past N are zero lanes, whose outputs are not stored; K
+ * needs nothing (no step past K, and B's padding bits are 0).  Bit planes:
+ * see vert_task.
  * Tried and dropped: groups of 32 steps (a running sixteens, half the
  * ripple; level in the whole GEMM); each bit plane counted into its own
  * short counter and added by a ripple-carry adder (within the noise). */
