@@ -1499,7 +1499,7 @@ static char *make_vertical(gemm_args *g, int n_threads)
                         (size_t)g->m_run * g->planes * (32 * g->kw + 24) * sizeof(uint32_t) + 63) &
                        ~(size_t)63;
     size_t bt_bytes = (size_t)blocks * g->bt_block_bytes, pop_bytes = (size_t)blocks * VERT_LANES * 4;
-    char *buffer = aligned_alloc(64, bt_bytes + pop_bytes + slots * g->scratch_bytes);
+    char *buffer = aligned_alloc(64, (bt_bytes + pop_bytes + slots * g->scratch_bytes + 63) & ~(size_t)63);
     if (buffer == NULL)
         return NULL;
     g->bt = (const uint8_t *)buffer;
