@@ -386,10 +386,7 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     inline asm, fixed registers and one index register (54 instructions
  *     per 32 word pairs instead of 58: 0.97-1.00x).  That loop is bound by
  *     the vector pipes: on the shared Zen 3 core it was tuned on, a run of
- *     independent vpxor did 2.8-3.3 a clock, not 4, and the loop 2.9-3.5;
- *     the tile kernel storing dot products straight into the output
- *     instead of the block's scratch and the epilogue (1.01-1.09x at
- *     100 x 784 x 4096, where the epilogue's stores took 19% of the time).
+ *     independent vpxor did 2.8-3.3 a clock, not 4, and the loop 2.9-3.5.
  *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
  *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
  * The AVX-512 kernel reads the last partial vector of a row with a masked
@@ -433,7 +430,9 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *
  * Epilogue, once per block, after the last K slice:
  *   - without a threshold, the int32 dot products are stored (M x N), by a
- *     loop gcc vectorizes; an output larger than the last-level cache
+ *     loop gcc vectorizes (the AVX2 tile kernel stores them itself where
+ *     one K slice makes them final and the output is not streamed: see
+ *     g->direct); an output larger than the last-level cache
  *     cannot stay cached anyway, and with AVX2 it is written with
  *     non-temporal stores, which skip reading each line before writing
  *     it (1.01-1.08x for the 64 and 164 MB outputs of --bench);
@@ -472,6 +471,7 @@ typedef struct {
     long m_blocks;
     long m_run;                 /* blocks of A a task takes (gemm_task) */
     int stream;                 /* int32 output written by non-temporal stores */
+    int direct;                 /* AVX2 tile kernel: dot products straight into the output */
     const uint8_t *bt;          /* AVX2, vertical path: B transposed by blocks of 256 rows */
     const int32_t *pop_b;       /* ... the popcounts of B's rows */
     char *scratch;              /* ... a slot of scratch_bytes per thread */
@@ -590,12 +590,14 @@ static inline long horizontal_sum(__m256i v)
 /* Store (first K slice) or add one row of a tile whose lanes are pairs
  * (see below): the low 32 bits of the 4 lanes of s0 (columns 0 - 3) and of
  * s1 (columns 4 - 7), as one 256-bit row. */
-static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
+static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first, int32_t base)
 {
     const __m256i low_dwords = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
     __m256i row = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(s0, low_dwords),
                                             _mm256_permutevar8x32_epi32(s1, low_dwords), 0x20);
-    if (!first)
+    if (base != 0)              /* dot products, into the output (g->direct) */
+        row = _mm256_sub_epi32(_mm256_set1_epi32(base), _mm256_add_epi32(row, row));
+    else if (!first)
         row = _mm256_add_epi32(row, _mm256_loadu_si256((const __m256i *)c));
     _mm256_storeu_si256((__m256i *)c, row);
 }
@@ -646,7 +648,7 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first)
  * fast in the whole GEMM. */
 __attribute__((noinline))
 static void micro_kernel(const word_t *a, long lda, const word_t *b8, long group_stride,
-                         long n, int32_t *c, long ldc, int first)
+                         long n, int32_t *c, long ldc, int first, int32_t base)
 {
     const __m256i table = nibble_popcounts(), zero = _mm256_setzero_si256();
     __m256i bytes[MR][2];
@@ -672,7 +674,7 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b8, long group
     }
     for (int i = 0; i < MR; i++)
         store_row(_mm256_sad_epu8(bytes[i][0], zero), _mm256_sad_epu8(bytes[i][1], zero),
-                  c + i * ldc, first);
+                  c + i * ldc, first, base);
 }
 
 /* ---- The AVX2 Harley-Seal kernel, for rows of HS_MIN_WORDS words or
@@ -781,7 +783,7 @@ static void micro_kernel_hs(const word_t *a, const word_t *b4, long group_stride
                                   _mm256_add_epi64(_mm256_slli_epi64(twos_count, 1),
                                                    _mm256_sad_epu8(rest, zero)));
     }
-    store_row(sum[0], sum[1], c, first);
+    store_row(sum[0], sum[1], c, first, 0);
 }
 
 #else
@@ -921,11 +923,16 @@ static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
 
 /* The same sums for a tile cut short by the edge of the block. */
 static void edge_kernel(const word_t *a, const word_t *b, long ld, long n,
-                        int32_t *c, long ldc, long mr, long nr, int first)
+                        int32_t *c, long ldc, long mr, long nr, int first, int32_t base)
 {
     for (long i = 0; i < mr; i++)
-        for (long j = 0; j < nr; j++)
-            store_tile(c, ldc, (int)i, (int)j, popcount_xor(a + i * ld, b + j * ld, n), first);
+        for (long j = 0; j < nr; j++) {
+            long pop = popcount_xor(a + i * ld, b + j * ld, n);
+            if (base != 0)              /* a dot product, into the output (g->direct) */
+                c[i * ldc + j] = base - 2 * (int32_t)pop;
+            else
+                store_tile(c, ldc, (int)i, (int)j, pop, first);
+        }
 }
 
 /* Dot product from a weighted popcount (see "Bit planes" above): the
@@ -1149,7 +1156,7 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
                             pop + (i - m0) * NB + (j - n0), k0 == 0);
     if (j < n1)
         edge_kernel(g->a + m0 * kw + k0, g->b + j * kw + k0, kw, kc, pop + (j - n0), NB,
-                    m1 - m0, n1 - j, k0 == 0);
+                    m1 - m0, n1 - j, k0 == 0, 0);
 }
 #endif
 
@@ -1526,23 +1533,25 @@ static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, lo
 #else
     (void)panel;
 #endif
+    int32_t base = g->direct ? dot_base(g) : 0;     /* nonzero: straight into the output */
+    long ldc = g->direct ? g->n : NB;
     for (long i = m0; i < m1; i += MR) {
         const word_t *a = g->a + i * kw + k0;
         for (long j = n0; j < n1; j += NR) {
             const word_t *b = g->b + j * kw + k0;
-            int32_t *c = pop + (i - m0) * NB + (j - n0);
+            int32_t *c = g->direct ? (int32_t *)g->out + i * g->n + j : pop + (i - m0) * NB + (j - n0);
 #if defined(INTERLEAVED_B)
             if (i + MR <= m1 && j + NR <= n1 && panel != NULL)
                 micro_kernel(g->a2 + (i * kw + k0) * 2, 2 * kw,
-                             panel + (j - n0) / 4 * 8 * kw + 8 * k0, 8 * kw, kc, c, NB, first);
+                             panel + (j - n0) / 4 * 8 * kw + 8 * k0, 8 * kw, kc, c, ldc, first, base);
 #else
             if (i + MR <= m1 && j + NR <= n1)
                 micro_kernel(a, b, kw, kc, c, NB, first);
 #endif
             else
-                edge_kernel(a, b, kw, kc, c, NB,
+                edge_kernel(a, b, kw, kc, c, ldc,
                             m1 - i < MR ? m1 - i : MR,
-                            n1 - j < NR ? n1 - j : NR, first);
+                            n1 - j < NR ? n1 - j : NR, first, base);
         }
     }
 }
@@ -1648,7 +1657,8 @@ static void gemm_task(const void *ctx, long task)
             else
                 plane_block(g, pop, m0, m1, n0, n1, k0, kc);
         }
-        epilogue(g, pop, m0 / g->planes, m1 / g->planes, n0, n1);
+        if (!g->direct)
+            epilogue(g, pop, m0 / g->planes, m1 / g->planes, n0, n1);
     }
 #if defined(__AVX2__)
     if (g->stream)
@@ -1840,6 +1850,13 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
         copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */
     if (copies != NULL && !g.harley_seal)
         g.m_run = blocks_per_task(g.m_blocks, panels, n_threads, RUN_BLOCKS);
+    /* The tile kernel's dot products straight into an int32 output, where one
+     * K slice makes them final: at 100 x 784 x 4096 the epilogue's burst of
+     * stores into the 1.6 MB output was 19% of the time, and stored tile by
+     * tile they overlap the computing (1.04-1.12x).  Not for outputs streamed
+     * past the cache, which the epilogue writes whole lines of. */
+    g.direct = planes == 1 && threshold == NULL && !g.stream && !g.harley_seal && g.kw <= KC &&
+               k > 0;
 #endif
 #if defined(BYTE_PLANES)
     if (planes == PLANES && use_work_buffers &&
