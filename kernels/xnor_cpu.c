@@ -1233,7 +1233,7 @@ __m256i fold_8_steps(const uint8_t *bt, const uint32_t *steps,
 
 /* Add the steps of one row (groups of 16 byte offsets into the block bt)
  * to the 256 counters planes[0 .. top - 1]; top is the bit length of the
- * row's number of steps, so the ripple stops there. */
+ * largest count they can reach, so the ripple stops there. */
 __attribute__((noinline))
 static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
                        __m256i *planes, int top)
