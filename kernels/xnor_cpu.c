@@ -373,12 +373,12 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     more columns counted that way beside the 1 x 8 Harley-Seal tile
  *     (0.86x per word pair); an 8-step Harley-Seal fold (0.95x, more
  *     running vectors; level with the 4-step fold after the reordering
- *     described at micro_kernel_hs); a vertical (bit-sliced) count, 256
- *     outputs a vector, over B transposed and stored with its complement
- *     so that no XOR is needed (1.04-1.15x the Harley-Seal kernel in L1,
- *     before the cost of turning its bit-plane counters back into
- *     integers); tiles of 2, 3 or 5 rows of A in the lookup kernel
- *     (0.72-0.94x); prefetching the next B panel (no gain); the
+ *     described at micro_kernel_hs); a first vertical count, a step for
+ *     every bit of K over B transposed and stored with its complement
+ *     (1.04-1.15x the Harley-Seal kernel in L1, before turning the counters
+ *     into integers: the kernel that landed takes only a row's set or clear
+ *     bits, at most K / 2 steps); tiles of 2, 3 or 5 rows of A in the
+ *     lookup kernel (0.72-0.94x); prefetching the next B panel (no gain); the
  *     Harley-Seal "fours" counted by scalar popcnt on a stored copy instead
  *     of the lookup (34 vector ops per 32 word pairs instead of 48, the
  *     rest on the integer pipes: 0.70-0.90x in L1, reading the copy just
@@ -481,6 +481,14 @@ typedef struct {
 static inline long popcount_word(word_t x)
 {
     return __builtin_popcountll(x);
+}
+
+static inline long popcount_row(const word_t *x, long n)
+{
+    long sum = 0;
+    for (long k = 0; k < n; k++)
+        sum += popcount_word(x[k]);
+    return sum;
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
@@ -1160,6 +1168,34 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
 }
 #endif
 
+#if defined(INTERLEAVED_B) || defined(BYTE_PLANES)
+/* How many blocks of A a task takes against its panel of B, where a run
+ * of blocks pays (the tile kernel's panel copy, the bit planes' reuse of
+ * pixel rows): enough to leave about 8 tasks a thread, at most `most`.
+ * (The vertical kernel asks it for rows of A against one "panel", all of
+ * B, at most MB.)
+ * Tile kernel: runs of at most RUN_BLOCKS, whose rows of A (at most
+ * 248 KiB in nibble form) stay in L2 while the panel is in L1.  At
+ * 10000 x 784 x 4096, runs of all 313 blocks (each panel copied once) ran
+ * 0.92x as fast as copying B once per call, runs of 8 blocks about 0.98x,
+ * runs of 16 and 32 level with it. */
+#define RUN_BLOCKS 16
+/* Bit planes: runs of 4 blocks, 16 images, whose pixel rows (13 KiB at
+ * K = 784) stay in L1 while each pair of mask rows, read from L2, serves
+ * all of them: 1.05-1.09x the MNIST network's first layer (10000 images,
+ * 1024 and 4096 units; runs of 8 blocks gained less, of 2 nothing).  The
+ * run's images share the task's MB x NB scratch block, one row each. */
+#define PLANE_RUN_BLOCKS 4
+_Static_assert(PLANE_RUN_BLOCKS * MB / PLANES <= MB, "a run's images fit the scratch block");
+static long blocks_per_task(long m_blocks, long panels, int n_threads, long most)
+{
+    long tasks = 8L * (n_threads > 1 ? n_threads : 1);
+    long run = (m_blocks * panels + tasks - 1) / tasks;
+    run = run < m_blocks ? run : m_blocks;
+    return run < 1 ? 1 : run < most ? run : most;
+}
+#endif
+
 #if defined(INTERLEAVED_B)
 /* ---- The vertical (bit-sliced) kernel, for rows of VERT_MIN_WORDS words
  * or more: 256 outputs at once, one per bit of a vector, and no XOR.
@@ -1312,9 +1348,7 @@ static void init_bit_offsets(void)
 static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
                       uint32_t *steps, int *complement, long *set_bits)
 {
-    long ones = 0;
-    for (long w = 0; w < kw; w++)
-        ones += popcount_word(a[w]);
+    long ones = popcount_row(a, kw);
     int flip = ones > k - ones;
     long n = 0;
     for (long w = 0; w < kw; w++) {
@@ -1391,12 +1425,8 @@ static void transpose_task(const void *ctx, long block)
     long kw = g->kw, j0 = block * VERT_LANES;
     uint8_t *bt = (uint8_t *)g->bt + block * g->bt_block_bytes;
     int32_t *pop_b = (int32_t *)g->pop_b + j0;
-    for (long t = 0; t < VERT_LANES; t++) {
-        long ones = 0;
-        for (long w = 0; j0 + t < g->n && w < kw; w++)
-            ones += popcount_word(g->b[(j0 + t) * kw + w]);
-        pop_b[t] = (int32_t)ones;
-    }
+    for (long t = 0; t < VERT_LANES; t++)
+        pop_b[t] = j0 + t < g->n ? (int32_t)popcount_row(g->b + (j0 + t) * kw, kw) : 0;
     for (int group = 0; group < VERT_LANES / 32; group++) {
         long r0 = j0 + 32 * group, valid = g->n - r0 < 32 ? g->n - r0 : 32;
         if (valid > 0)
@@ -1497,10 +1527,9 @@ static void vert_task(const void *ctx, long task)
  * short.  Tasks of m_run rows: enough for about 8 a thread, at most MB. */
 static char *make_vertical(gemm_args *g, int n_threads)
 {
-    long blocks = (g->n + VERT_LANES - 1) / VERT_LANES, m = g->m / g->planes;
+    long blocks = (g->n + VERT_LANES - 1) / VERT_LANES;
     int slots = n_threads > 1 ? n_threads : 1;
-    long tasks = 8L * slots, rows = (m + tasks - 1) / tasks;
-    g->m_run = rows < 1 ? 1 : rows < MB ? rows : MB;
+    g->m_run = blocks_per_task(g->m / g->planes, 1, n_threads, MB);    /* output rows */
     g->bt_block_bytes = (64 * g->kw + 1) * 32;
     g->scratch_bytes = ((2 * MB * NB + 2 * VERT_LANES) * sizeof(int32_t) +
                         (size_t)g->m_run * g->planes * (32 * g->kw + 24) * sizeof(uint32_t) + 63) &
@@ -1598,31 +1627,6 @@ static void plane_block(const gemm_args *g, int32_t *pop, long m0, long m1,
     }
 }
 
-#if defined(INTERLEAVED_B) || defined(BYTE_PLANES)
-/* How many blocks of A a task takes against its panel of B, where a run
- * of blocks pays (the tile kernel's panel copy, the bit planes' reuse of
- * pixel rows): enough to leave about 8 tasks a thread, at most `most`.
- * Tile kernel: runs of at most RUN_BLOCKS, whose rows of A (at most
- * 248 KiB in nibble form) stay in L2 while the panel is in L1.  At
- * 10000 x 784 x 4096, runs of all 313 blocks (each panel copied once) ran
- * 0.92x as fast as copying B once per call, runs of 8 blocks about 0.98x,
- * runs of 16 and 32 level with it. */
-#define RUN_BLOCKS 16
-/* Bit planes: runs of 4 blocks, 16 images, whose pixel rows (13 KiB at
- * K = 784) stay in L1 while each pair of mask rows, read from L2, serves
- * all of them: 1.05-1.09x the MNIST network's first layer (10000 images,
- * 1024 and 4096 units; runs of 8 blocks gained less, of 2 nothing).  The
- * run's images share the task's MB x NB scratch block, one row each. */
-#define PLANE_RUN_BLOCKS 4
-_Static_assert(PLANE_RUN_BLOCKS * MB / PLANES <= MB, "a run's images fit the scratch block");
-static long blocks_per_task(long m_blocks, long panels, int n_threads, long most)
-{
-    long tasks = 8L * (n_threads > 1 ? n_threads : 1);
-    long run = (m_blocks * panels + tasks - 1) / tasks;
-    run = run < m_blocks ? run : m_blocks;
-    return run < 1 ? 1 : run < most ? run : most;
-}
-#endif
 
 /* A task: the blocks mb0 .. mb1 - 1 of A (a run of m_run blocks, more than
  * one on the tile kernel's path and the bit planes', see blocks_per_task)
@@ -1796,8 +1800,8 @@ void bnn_use_work_buffers(int on)
 }
 
 /* For the tests (AVX2): 1 runs every product the vertical kernel can take
- * (rows of at most VERT_MAX_WORDS words, planes == 1) through it, 0 none,
- * -1 (the default) those where it pays (vertical_pays). */
+ * (rows of at most VERT_MAX_WORDS words, bit planes too) through it, 0
+ * none, -1 (the default) those where it pays (vertical_pays). */
 static int use_vertical = -1;
 
 void bnn_use_vertical(int mode)
