@@ -363,7 +363,7 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *     with 3 carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8
  *     tile that keeps all its counters in registers, over copies of A and
  *     B in "pair form" that save one op in seven.
- *     Where there are enough rows (vertical_pays: 192 rows of A, 12 words
+ *     Where there are enough rows (vertical_pays: 64 rows of A, 4 words
  *     or more), the vertical kernel (vert_steps) replaces both: it counts
  *     pop(a & b) for 256 rows of B at once, one bit of a vector each, over
  *     B transposed, adding one vector per set bit of a row of A: no XOR,
@@ -485,10 +485,13 @@ static inline long popcount_word(word_t x)
 
 static inline long popcount_row(const word_t *x, long n)
 {
-    long sum = 0;
-    for (long k = 0; k < n; k++)
-        sum += popcount_word(x[k]);
-    return sum;
+    long sum[4] = {0, 0, 0, 0}, k = 0;     /* 4 sums: not one add a clock */
+    for (; k + 4 <= n; k += 4)
+        for (int i = 0; i < 4; i++)
+            sum[i] += popcount_word(x[k + i]);
+    for (; k < n; k++)
+        sum[0] += popcount_word(x[k]);
+    return sum[0] + sum[1] + sum[2] + sum[3];
 }
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
@@ -1221,7 +1224,9 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
  * A row's steps are a list of byte offsets of vectors in a block
  * (row_steps), made once per row in a task and used against every block of
  * B, padded to a multiple of 16 with the offset of the block's zero vector.
- * Last, the planes are turned into 256 integers (vert_counts).
+ * Last, the planes are turned into 256 integers (count_bytes: a byte of
+ * every count from 8 planes by unpacks and 8 x 8 bit transposes) and
+ * combined into the results (vert_results).
  * Tails: rows of B past N are zero lanes, whose outputs are not stored; K
  * needs nothing (no step past K, and B's padding bits are 0).  Bit planes:
  * see vert_task.
@@ -1233,14 +1238,17 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
                                        for the 4 running planes above the last bit plane */
 #define VERT_MAX_WORDS 256          /* a block of B transposed (K x 32 bytes) within L2 */
 /* Where the vertical kernel is the faster (Zen 3, A/B against the tile and
- * Harley-Seal kernels in turn, 2 threads): 1.10-1.39x at 10000 rows and
- * K = 784 to 4096, level at K = 512 (8 words), 0.84-0.92x at K = 256;
- * 1.07x at 192 x 784 x 4096 and 1.27-1.32x at 192 x 2048 x 2048, but
- * 0.95-0.96x at 128 x 784 x 4096, where transposing B and turning the
- * counters into integers cost more than they save; 0.67x at 300 x 784 x
- * 300, whose second block of 256 rows of B is mostly padding. */
-#define VERT_MIN_WORDS 12
-#define VERT_MIN_ROWS 192
+ * Harley-Seal kernels in turn, 2 threads, since its counts go straight
+ * into the output and B is transposed by 64 x 64 bit blocks): 1.20-1.35x
+ * at 64 and 128 x 784 x 4096, 1.32x at 100 x 784 x 4096, 1.14-1.19x at
+ * 100 x 4096 x 4096, 1.31-1.37x at 200 x 256 x 4096, 1.25-1.36x at 10000
+ * x 784 x 4096; level at 32 x 784 x 4096 and 64 x 4096 x 4096, 0.67-0.92x
+ * below 32 rows, where transposing B costs more than it saves; 0.91-0.93x
+ * at 300 x 784 x 300, whose second block of 256 rows of B is mostly
+ * padding.  Below 4 words, its minimum times lost (0.70-0.91x at 2000 x
+ * 64 .. 192 x 2000) while its medians won. */
+#define VERT_MIN_WORDS 4
+#define VERT_MIN_ROWS 64
 static int vertical_pays(long m, long n, long kw)
 {
     long lanes = (n + VERT_LANES - 1) / VERT_LANES * VERT_LANES;
@@ -1292,38 +1300,80 @@ static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
     planes[3] = eights;
 }
 
-/* The 256 counts of planes[0 .. top - 1] (top <= 24) as integers, 32
- * lanes at a time: each plane's 32 bits spread to 32 bytes (0xff where
- * set), masked with the plane's weight and or-ed into byte 0, 1 or 2 of
- * the counts (planes 0 - 7, 8 - 15, 16 - 23), which widen to 32 bits. */
-static void vert_counts(const __m256i *planes, int top, int32_t counts[VERT_LANES])
+/* The 8 x 8 bit matrix in each 64-bit lane transposed: bit t of byte p to
+ * bit p of byte t (three rounds of swapping the off-diagonal blocks, of
+ * 1 x 1, 2 x 2 and 4 x 4 bits). */
+static inline __m256i transpose_8x8_bits(__m256i x)
 {
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    for (int c = 0; c < VERT_LANES / 32; c++) {
-        __m256i bytes[3] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-        for (int p = 0; p < top; p++) {
-            uint32_t m;
-            memcpy(&m, (const char *)&planes[p] + 4 * c, 4);
-            __m256i set = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), spread);
-            set = _mm256_cmpeq_epi8(_mm256_and_si256(set, bit), bit);
-            bytes[p / 8] = _mm256_or_si256(bytes[p / 8],
-                                           _mm256_and_si256(set, _mm256_set1_epi8((char)(1 << p % 8))));
+    static const struct { int shift; long long mask; } rounds[3] = {
+        {7, 0x00AA00AA00AA00AALL}, {14, 0x0000CCCC0000CCCCLL}, {28, 0x00000000F0F0F0F0LL}};
+    for (int r = 0; r < 3; r++) {
+        __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, rounds[r].shift)),
+                                     _mm256_set1_epi64x(rounds[r].mask));
+        x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, rounds[r].shift)));
+    }
+    return x;
+}
+
+/* One byte of the 256 counts of planes[0 .. n - 1] (n <= 8: the planes of
+ * weights 2^(8 b) .. 2^(8 b + 7)).  Byte y of the 8 planes is brought into
+ * one 64-bit lane by three rounds of unpacks (bytes, words, dwords), and
+ * its 8 x 8 bits transposed give the byte of the counts of lanes 8 y ..
+ * 8 y + 7.  The unpacks work within 128-bit halves, so vector v holds the
+ * counts of lanes 16 v .. 16 v + 15 in its low half and 128 + 16 v ..
+ * 128 + 16 v + 15 in its high half.  About 21 ops per 32 counts, against
+ * 5 per plane per 32 counts for spreading each plane's bits to bytes. */
+static void count_bytes(const __m256i *planes, int n, __m256i bytes[8])
+{
+    __m256i p[8], a[8], c[8];
+    for (int i = 0; i < 8; i++)
+        p[i] = i < n ? planes[i] : _mm256_setzero_si256();
+    for (int i = 0; i < 4; i++) {           /* planes 2i, 2i + 1 of bytes 0 - 7, 8 - 15 of a half */
+        a[i] = _mm256_unpacklo_epi8(p[2 * i], p[2 * i + 1]);
+        a[4 + i] = _mm256_unpackhi_epi8(p[2 * i], p[2 * i + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {        /* planes 0 - 3 and 4 - 7 of 4 bytes */
+        c[h] = _mm256_unpacklo_epi16(a[h], a[h + 1]);
+        c[h + 1] = _mm256_unpackhi_epi16(a[h], a[h + 1]);
+        c[h + 2] = _mm256_unpacklo_epi16(a[h + 2], a[h + 3]);
+        c[h + 3] = _mm256_unpackhi_epi16(a[h + 2], a[h + 3]);
+    }
+    for (int h = 0; h < 8; h += 4)          /* the 8 planes of 2 bytes */
+        for (int q = 0; q < 2; q++) {
+            bytes[h + 2 * q] = transpose_8x8_bits(_mm256_unpacklo_epi32(c[h + q], c[h + 2 + q]));
+            bytes[h + 2 * q + 1] = transpose_8x8_bits(_mm256_unpackhi_epi32(c[h + q], c[h + 2 + q]));
         }
-        /* unpack within 128-bit halves: v0 holds lanes 0-7 and 16-23, v1 8-15 and 24-31 */
-        __m256i v0 = _mm256_unpacklo_epi8(bytes[0], bytes[1]);
-        __m256i v1 = _mm256_unpackhi_epi8(bytes[0], bytes[1]);
-        __m128i w[4] = {_mm256_castsi256_si128(v0), _mm256_castsi256_si128(v1),
-                        _mm256_extracti128_si256(v0, 1), _mm256_extracti128_si256(v1, 1)};
+}
+
+/* The counts of planes[0 .. top - 1] (top <= 24) as int32: 4 vectors of 8
+ * lanes, out[0] and out[1] lanes 16 v .. 16 v + 15, out[2] and out[3]
+ * lanes 128 + 16 v .. 128 + 16 v + 15 (the layout of count_bytes). */
+typedef struct { __m256i byte[3][8]; int top; } vert_count;
+
+static void vert_count_bytes(const __m256i *planes, int top, vert_count *c)
+{
+    c->top = top;
+    for (int b = 0; b < 3 && 8 * b < top; b++)
+        count_bytes(planes + 8 * b, top - 8 * b < 8 ? top - 8 * b : 8, c->byte[b]);
+}
+
+static inline void vert_count_lanes(const vert_count *c, int v, __m256i out[4])
+{
+    if (c->top == 0) {
+        out[0] = out[1] = out[2] = out[3] = _mm256_setzero_si256();
+        return;
+    }
+    __m256i low = c->byte[0][v], high = c->top > 8 ? c->byte[1][v] : _mm256_setzero_si256();
+    __m256i w0 = _mm256_unpacklo_epi8(low, high), w1 = _mm256_unpackhi_epi8(low, high);
+    out[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(w0));
+    out[1] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(w1));
+    out[2] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(w0, 1));
+    out[3] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(w1, 1));
+    if (c->top > 16) {
+        __m128i third[2] = {_mm256_castsi256_si128(c->byte[2][v]), _mm256_extracti128_si256(c->byte[2][v], 1)};
         for (int q = 0; q < 4; q++) {
-            __m256i count = _mm256_cvtepu16_epi32(w[q]);
-            if (top > 16) {         /* byte 2: lanes 8 q .. 8 q + 7 of bytes[2] */
-                __m128i third = q < 2 ? _mm256_castsi256_si128(bytes[2]) : _mm256_extracti128_si256(bytes[2], 1);
-                third = q % 2 ? _mm_srli_si128(third, 8) : third;
-                count = _mm256_add_epi32(count, _mm256_slli_epi32(_mm256_cvtepu8_epi32(third), 16));
-            }
-            _mm256_storeu_si256((__m256i *)(counts + 32 * c + 8 * q), count);
+            __m128i t = q % 2 ? _mm_srli_si128(third[q / 2], 8) : third[q / 2];
+            out[q] = _mm256_add_epi32(out[q], _mm256_slli_epi32(_mm256_cvtepu8_epi32(t), 16));
         }
     }
 }
@@ -1372,70 +1422,108 @@ static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
 
 /* One block of 256 rows of B transposed: vector k (32 bytes) holds bit k
  * of row j0 + t at bit t, for k < 64 kw, then one zero vector; rows past N
- * are zero.  32 rows at a time: vpmovmskb collects bit 7 of 32 bytes, so
- * with byte q of word w of the 32 rows side by side in a vector (V_q), it
- * gives bit 8 q + 7 of all of them, and doubling the bytes brings up bits
- * 8 q + 6, ... 8 q.  V_q is built from gathers of one 4-byte half of the
- * word of 8 rows each (rows past N masked out): a vpshufb groups each
- * 128-bit lane's 4 rows by byte, a vpermd pairs the two lanes, and the 4
- * gathers' byte-q quarters are brought together by unpacks and lane
- * permutes. */
-static void transpose_32_rows(const word_t *rows, long kw, long valid, uint8_t *bt, int group)
+ * are zero.  As 4 x 4 words at a time of 64 x 64 bit transposes, done lane
+ * by lane: a vector holds 4 words, and swapping blocks of bits between
+ * vectors (swap_blocks) transposes the 4 matrices of its lanes at once.
+ * The rows' words w .. w + 3 are loaded as they lie, one vector a row,
+ * and the 64 rows of each quarter (64 rows) of the block transposed, its
+ * lane l becoming bit k of word w + l of those rows; a 4 x 4 transpose of
+ * words across the quarters then gives the block's vectors whole.  In
+ * three passes over an 8 KiB buffer, each in registers: rounds 32, 16, 8
+ * on rows 8 apart, rounds 4, 2, 1 on 8 consecutive ones, the 4 x 4
+ * transposes.  About 6 vector ops a word, against about 9 cycles a word
+ * for gathering bytes and collecting bits by vpmovmskb, as this was first
+ * done. */
+static inline __attribute__((always_inline))
+void swap_blocks(__m256i *x, __m256i *y, int s, long long mask)
 {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i stride = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)(2 * kw)));
-    const __m256i by_byte = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                             0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    const __m256i pairs = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    __m256i masks[4];
+    /* bits s .. 2s - 1 of each 2s-bit group of x <-> bits 0 .. s - 1 of y's */
+    __m256i t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64(*x, s), *y),
+                                 _mm256_set1_epi64x(mask));
+    *y = _mm256_xor_si256(*y, t);
+    *x = _mm256_xor_si256(*x, _mm256_slli_epi64(t, s));
+}
+
+/* Rounds s, s / 2, s / 4 on x[0 .. 7], rows s / 4 apart in the matrix. */
+static inline __attribute__((always_inline))
+void transpose_rounds(__m256i x[8], int s, const long long masks[3])
+{
+#pragma GCC unroll 4
     for (int i = 0; i < 4; i++)
-        masks[i] = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(valid - 8 * i)), lane);
-    for (long w = 0; w < kw; w++) {
-        for (int h = 0; h < 2; h++) {       /* bytes 4 h .. 4 h + 3 of the word */
-            __m256i p[4];                   /* qword q: byte 4 h + q of rows 8 i .. 8 i + 7 */
-            for (int i = 0; i < 4; i++) {
-                __m256i d = _mm256_setzero_si256();
-                if (8 * i < valid)
-                    d = _mm256_mask_i32gather_epi32(d, (const int *)(rows + 8 * i * kw + w) + h,
-                                                    stride, masks[i], 4);
-                p[i] = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(d, by_byte), pairs);
+        swap_blocks(&x[i], &x[i + 4], s, masks[0]);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        swap_blocks(&x[i + i / 2 * 2], &x[i + i / 2 * 2 + 2], s / 2, masks[1]);    /* 0, 1, 4, 5 */
+#pragma GCC unroll 4
+    for (int i = 0; i < 8; i += 2)
+        swap_blocks(&x[i], &x[i + 1], s / 4, masks[2]);
+}
+
+static void transpose_block(const word_t *b, long rows, long kw, uint8_t *bt)
+{
+    static const long long far[3] = {0x00000000FFFFFFFFLL, 0x0000FFFF0000FFFFLL, 0x00FF00FF00FF00FFLL};
+    static const long long near[3] = {0x0F0F0F0F0F0F0F0FLL, 0x3333333333333333LL, 0x5555555555555555LL};
+    static const word_t zeros[4];   /* the words of rows past N */
+    __m256i buffer[4][64];          /* quarter, row (then bit) */
+    for (long w = 0; w < kw; w += 4) {
+        long words = kw - w < 4 ? kw - w : 4;
+        __m256i tail = _mm256_cmpgt_epi64(_mm256_set1_epi64x(words), _mm256_setr_epi64x(0, 1, 2, 3));
+        for (int quarter = 0; quarter < 4; quarter++) {
+            for (int r = 0; r < 8; r++) {
+                __m256i x[8];
+                const word_t *p[8];
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++) {
+                    long row = 64 * quarter + r + 8 * i;
+                    p[i] = row < rows ? b + row * kw + w : zeros;
+                }
+                if (words == 4)
+#pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++)
+                        x[i] = _mm256_loadu_si256((const __m256i *)p[i]);
+                else
+#pragma GCC unroll 8
+                    for (int i = 0; i < 8; i++)
+                        x[i] = _mm256_maskload_epi64((const long long *)p[i], tail);
+                transpose_rounds(x, 32, far);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++)
+                    buffer[quarter][r + 8 * i] = x[i];
             }
-            __m256i lo01 = _mm256_unpacklo_epi64(p[0], p[1]), hi01 = _mm256_unpackhi_epi64(p[0], p[1]);
-            __m256i lo23 = _mm256_unpacklo_epi64(p[2], p[3]), hi23 = _mm256_unpackhi_epi64(p[2], p[3]);
+            for (int r = 0; r < 64; r += 8) {
+                __m256i x[8];
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++)
+                    x[i] = buffer[quarter][r + i];
+                transpose_rounds(x, 4, near);
+#pragma GCC unroll 8
+                for (int i = 0; i < 8; i++)
+                    buffer[quarter][r + i] = x[i];
+            }
+        }
+        for (int k = 0; k < 64; k++) {
+            __m256i *q = &buffer[0][k];
+            __m256i lo01 = _mm256_unpacklo_epi64(q[0], q[64]), hi01 = _mm256_unpackhi_epi64(q[0], q[64]);
+            __m256i lo23 = _mm256_unpacklo_epi64(q[128], q[192]), hi23 = _mm256_unpackhi_epi64(q[128], q[192]);
             __m256i v[4] = {_mm256_permute2x128_si256(lo01, lo23, 0x20),
                             _mm256_permute2x128_si256(hi01, hi23, 0x20),
                             _mm256_permute2x128_si256(lo01, lo23, 0x31),
                             _mm256_permute2x128_si256(hi01, hi23, 0x31)};
-            for (int q = 0; q < 4; q++) {
-                uint8_t *out = bt + (64 * w + 8 * (4 * h + q) + 7) * 32 + 4 * group;
-                __m256i x = v[q];
-                for (int t = 7; t >= 0; t--, out -= 32) {
-                    uint32_t m = (uint32_t)_mm256_movemask_epi8(x);
-                    memcpy(out, &m, 4);
-                    x = _mm256_add_epi8(x, x);
-                }
-            }
+            for (long l = 0; l < words; l++)
+                _mm256_store_si256((__m256i *)(bt + (64 * (w + l) + k) * 32), v[l]);
         }
     }
+    memset(bt + 64 * kw * 32, 0, 32);
 }
 
 static void transpose_task(const void *ctx, long block)
 {
     const gemm_args *g = (const gemm_args *)ctx;
-    long kw = g->kw, j0 = block * VERT_LANES;
-    uint8_t *bt = (uint8_t *)g->bt + block * g->bt_block_bytes;
+    long kw = g->kw, j0 = block * VERT_LANES, rows = g->n - j0;
     int32_t *pop_b = (int32_t *)g->pop_b + j0;
-    for (long t = 0; t < VERT_LANES; t++)
-        pop_b[t] = j0 + t < g->n ? (int32_t)popcount_row(g->b + (j0 + t) * kw, kw) : 0;
-    for (int group = 0; group < VERT_LANES / 32; group++) {
-        long r0 = j0 + 32 * group, valid = g->n - r0 < 32 ? g->n - r0 : 32;
-        if (valid > 0)
-            transpose_32_rows(g->b + r0 * kw, kw, valid, bt, group);
-        else
-            for (long k = 0; k < 64 * kw; k++)
-                memset(bt + k * 32 + 4 * group, 0, 4);
-    }
-    memset(bt + 64 * kw * 32, 0, 32);
+    transpose_block(g->b + j0 * kw, rows, kw, (uint8_t *)g->bt + block * g->bt_block_bytes);
+    for (long t = 0; t < VERT_LANES; t++)   /* after: the rows are in the cache */
+        pop_b[t] = t < rows ? (int32_t)popcount_row(g->b + (j0 + t) * kw, kw) : 0;
 }
 
 /* A task of the vertical path: output rows m0 .. m1 - 1 (at most MB; rows
@@ -1448,8 +1536,9 @@ static void transpose_task(const void *ctx, long block)
  * since their counts enter with the other sign:
  *   P = sum_p 2^p pop(a_p) + pop(b) sum_p 2^p s_p - 2 (plus - minus),
  * s_p = -1 for those planes, +1 for the others.
- * The scratch (the steps, two panels of popcounts, the counts) is the
- * thread's slot of g->scratch. */
+ * The results go straight into an int32 output (whole blocks, output not
+ * streamed), else into two panels of popcounts for the epilogue.  The
+ * scratch (the steps, the two panels) is the thread's slot of g->scratch. */
 typedef struct {
     long n[PLANES];             /* steps of each plane (row) before padding */
     int complement[PLANES];
@@ -1462,6 +1551,36 @@ static int bit_length(long x)
     return x == 0 ? 0 : 64 - __builtin_clzl((unsigned long)x);
 }
 
+/* Row r's 256 results against a block, from its plus and minus counters:
+ * to out0 (lanes 0 - 127) and out1 (lanes 128 - 255) its weighted
+ * popcounts P = base + sign pop(b) - 2 (plus - minus), or, with `direct`,
+ * its dot products dot_base - 2 P. */
+static void vert_results(__m256i sums[2][VERT_PLANES], const vert_row *r, const int32_t *pop_b,
+                         int direct, int32_t dot_base, int32_t *out0, int32_t *out1)
+{
+    vert_count counters[2];
+    for (int c = 0; c < 2; c++)
+        vert_count_bytes(sums[c], bit_length(r->total[c]), &counters[c]);
+    const __m256i base = _mm256_set1_epi32(r->base), sign = _mm256_set1_epi32(r->sign);
+    const __m256i dot = _mm256_set1_epi32(dot_base);
+    for (int v = 0; v < 8; v++) {
+        __m256i plus[4], minus[4];
+        vert_count_lanes(&counters[0], v, plus);
+        vert_count_lanes(&counters[1], v, minus);
+        for (int q = 0; q < 4; q++) {
+            long lane = 16 * v + 8 * (q % 2);
+            int32_t *out = (q < 2 ? out0 : out1) + lane;
+            __m256i pb = _mm256_loadu_si256((const __m256i *)(pop_b + (q < 2 ? 0 : NB) + lane));
+            __m256i twice = _mm256_sub_epi32(plus[q], minus[q]);
+            __m256i p = _mm256_sub_epi32(_mm256_add_epi32(base, _mm256_mullo_epi32(sign, pb)),
+                                         _mm256_add_epi32(twice, twice));
+            if (direct)
+                p = _mm256_sub_epi32(dot, _mm256_add_epi32(p, p));
+            _mm256_storeu_si256((__m256i *)out, p);
+        }
+    }
+}
+
 static void vert_task(const void *ctx, long task)
 {
     const gemm_args *g = (const gemm_args *)ctx;
@@ -1469,8 +1588,7 @@ static void vert_task(const void *ctx, long task)
     long m0 = task * g->m_run, m1 = m0 + g->m_run < g->m / planes ? m0 + g->m_run : g->m / planes;
     char *scratch = g->scratch + (size_t)thread_slot * g->scratch_bytes;
     int32_t *pop = (int32_t *)scratch;                      /* 2 panels, MB x NB each */
-    int32_t *counts = pop + 2 * MB * NB;                    /* plus and minus, VERT_LANES each */
-    uint32_t *steps = (uint32_t *)(counts + 2 * VERT_LANES);  /* rows x planes x stride */
+    uint32_t *steps = (uint32_t *)(pop + 2 * MB * NB);      /* rows x planes x stride */
     uint32_t zero_offset = (uint32_t)(64 * kw * 32);
     vert_row rows[MB];
     for (long i = m0; i < m1; i++) {
@@ -1488,31 +1606,27 @@ static void vert_task(const void *ctx, long task)
     }
     for (long j0 = 0; j0 < g->n; j0 += VERT_LANES) {
         const uint8_t *bt = g->bt + j0 / VERT_LANES * g->bt_block_bytes;
-        const int32_t *pop_b = g->pop_b + j0;
         long lanes = g->n - j0 < VERT_LANES ? g->n - j0 : VERT_LANES;
+        /* whole blocks of an int32 output kept in the cache: straight into it */
+        int direct = g->threshold == NULL && !g->stream && lanes == VERT_LANES;
         for (long i = m0; i < m1; i++) {
             const vert_row *r = &rows[i - m0];
             __m256i sums[2][VERT_PLANES];                   /* plus, minus */
-            memset(sums, 0, sizeof sums);
+            for (int c = 0; c < 2; c++) {   /* the planes vert_steps and count_bytes read */
+                long used = bit_length(r->total[c]) + planes + 3;
+                for (long p = 0; p < used && p < VERT_PLANES; p++)
+                    sums[c][p] = _mm256_setzero_si256();
+            }
+            int32_t *out = direct ? (int32_t *)g->out + i * g->n + j0 : pop + (i - m0) * NB;
             for (long p = 0; p < planes; p++) {
                 int c = r->complement[p];
                 vert_steps(bt, steps + ((i - m0) * planes + p) * stride, (r->n[p] + 15) / 16,
                            sums[c] + p, bit_length(r->total[c]) - (int)p);
             }
-            vert_counts(sums[0], bit_length(r->total[0]), counts);
-            if (r->total[1] > 0)
-                vert_counts(sums[1], bit_length(r->total[1]), counts + VERT_LANES);
-            else
-                memset(counts + VERT_LANES, 0, VERT_LANES * sizeof(int32_t));
-            for (long half = 0; half < 2; half++) {
-                int32_t *out = pop + half * MB * NB + (i - m0) * NB;
-                const int32_t *plus = counts + half * NB, *minus = plus + VERT_LANES;
-                const int32_t *pb = pop_b + half * NB;
-                for (long t = 0; t < NB; t++)           /* vectorized by gcc */
-                    out[t] = r->base + r->sign * pb[t] - 2 * (plus[t] - minus[t]);
-            }
+            vert_results(sums, r, g->pop_b + j0, direct, dot_base(g), out,
+                         direct ? out + NB : out + MB * NB);
         }
-        for (long half = 0; half * NB < lanes; half++) {
+        for (long half = 0; !direct && half * NB < lanes; half++) {
             long n0 = j0 + half * NB, n1 = j0 + lanes < n0 + NB ? j0 + lanes : n0 + NB;
             epilogue(g, pop + half * MB * NB, m0, m1, n0, n1);
         }
@@ -1531,7 +1645,7 @@ static char *make_vertical(gemm_args *g, int n_threads)
     int slots = n_threads > 1 ? n_threads : 1;
     g->m_run = blocks_per_task(g->m / g->planes, 1, n_threads, MB);    /* output rows */
     g->bt_block_bytes = (64 * g->kw + 1) * 32;
-    g->scratch_bytes = ((2 * MB * NB + 2 * VERT_LANES) * sizeof(int32_t) +
+    g->scratch_bytes = (2 * MB * NB * sizeof(int32_t) +
                         (size_t)g->m_run * g->planes * (32 * g->kw + 24) * sizeof(uint32_t) + 63) &
                        ~(size_t)63;
     size_t bt_bytes = (size_t)blocks * g->bt_block_bytes, pop_bytes = (size_t)blocks * VERT_LANES * 4;
