@@ -432,7 +432,8 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
  *   - without a threshold, the int32 dot products are stored (M x N), by a
  *     loop gcc vectorizes (the AVX2 tile kernel stores them itself where
  *     one K slice makes them final and the output is not streamed: see
- *     g->direct); an output larger than the last-level cache
+ *     g->direct; so does the vertical kernel, see vert_task); an output
+ *     larger than the last-level cache
  *     cannot stay cached anyway, and with AVX2 it is written with
  *     non-temporal stores, which skip reading each line before writing
  *     it (1.01-1.08x for the 64 and 164 MB outputs of --bench);
@@ -1537,7 +1538,8 @@ static void transpose_task(const void *ctx, long block)
  *   P = sum_p 2^p pop(a_p) + pop(b) sum_p 2^p s_p - 2 (plus - minus),
  * s_p = -1 for those planes, +1 for the others.
  * The results go straight into an int32 output (whole blocks, output not
- * streamed), else into two panels of popcounts for the epilogue.  The
+ * streamed), else into two panels of popcounts for the epilogue.  (Tried:
+ * prefetching a row's output lines for writing before its steps: level.)  The
  * scratch (the steps, the two panels) is the thread's slot of g->scratch. */
 typedef struct {
     long n[PLANES];             /* steps of each plane (row) before padding */

@@ -153,11 +153,14 @@ def assert_fires_as_reference(lib, a_words, b_words, k, planes, expected):
 # (300, 4096, 129): one panel of the epilogue and 1 column; (256, 2048, 1):
 # one column; (260, 64 * 256, 40): the longest rows it takes (VERT_MAX_WORDS);
 # (33, 784, 1000): MNIST's K (a short last word), tasks of a few rows;
-# (5, 64, 7): one word.
+# (5, 64, 7): one word; (70, 330, 771): 6 words (B is transposed 4 words at
+# a time), two whole blocks of B stored straight into the output and a short
+# one through the epilogue; (64, 448, 512): 7 words, whole blocks only.
 @needs_c
 @pytest.mark.parametrize("vertical", [1, 0])
 @pytest.mark.parametrize("m,k,n", [(257, 2048 + 5, 300), (300, 4096, 129), (256, 2048, 1),
-                                   (260, 64 * 256, 40), (33, 784, 1000), (5, 64, 7)])
+                                   (260, 64 * 256, 40), (33, 784, 1000), (5, 64, 7),
+                                   (70, 330, 771), (64, 448, 512)])
 def test_vertical_kernel_exact(vertical, m, k, n):
     lib = cpu_kernels.library()
     a, b = random_operands(m, k, n, seed=m + k + n)
