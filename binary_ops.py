@@ -323,19 +323,22 @@ class ParameterError(ValueError):
 
 @dataclass
 class BatchNorm:
-    """Batch norm in inference mode, float32, with the reference's epsilon."""
+    """Batch norm in inference mode, float32, as binary_net.BatchNorm evaluates it
+    (Lasagne's BatchNormLayer): (x - mean) * (gamma * inv_std) + beta."""
     gamma: torch.Tensor
     beta: torch.Tensor
     mean: torch.Tensor
-    var: torch.Tensor
+    inv_std: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # The float path and the threshold folding both call this, so the
-        # 1-bit path decides every rounding-level tie as the float path does.
-        return (x - self.mean) / torch.sqrt(self.var + BN_EPS) * self.gamma + self.beta
+        # 1-bit path decides every rounding-level tie as the float path does;
+        # the order of operations is the training module's, so it also
+        # predicts as the trained network in eval mode does.
+        return (x - self.mean) * (self.gamma * self.inv_std) + self.beta
 
     def to(self, device):
-        return BatchNorm(*(t.to(device) for t in (self.gamma, self.beta, self.mean, self.var)))
+        return BatchNorm(*(t.to(device) for t in (self.gamma, self.beta, self.mean, self.inv_std)))
 
 
 @dataclass
@@ -351,7 +354,24 @@ class Layer:
 
 N_LAYERS = 4
 N_INPUTS = 28 * 28
-BN_KEYS = {"weight": "gamma", "bias": "beta", "running_mean": "mean", "running_var": "var"}
+BN_KEYS = {"weight": "gamma", "bias": "beta", "running_mean": "mean", "running_inv_std": "inv_std"}
+
+
+def convert_running_var(arrays: dict, path) -> dict:
+    """Files saved before batch norm kept Lasagne's statistics hold bnN.running_var
+    (PyTorch's average of the unbiased variance) instead of bnN.running_inv_std.
+    Such a model was evaluated with 1 / sqrt(running_var + epsilon), which is the
+    inv_std it needs now: convert, and say so once."""
+    old = sorted(k for k in arrays if k.endswith(".running_var"))
+    if not old:
+        return arrays
+    print(f"binary_ops: note: {path} was saved with PyTorch's running_var (before batch norm kept "
+          f"Lasagne's running_inv_std); converted as inv_std = 1 / sqrt(var + {BN_EPS:g})", file=sys.stderr)
+    arrays = dict(arrays)
+    for key in old:
+        var = arrays.pop(key).astype(np.float64)
+        arrays[key.replace(".running_var", ".running_inv_std")] = (1 / np.sqrt(var + BN_EPS)).astype(np.float32)
+    return arrays
 
 
 def load_parameters(path) -> list[Layer]:
@@ -366,6 +386,7 @@ def load_parameters(path) -> list[Layer]:
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise ParameterError(f"cannot read {path}: {e}") from None
     arrays = {k: v for k, v in arrays.items() if not k.endswith("num_batches_tracked")}
+    arrays = convert_running_var(arrays, path)
     expected = {f"dense{i}.{p}" for i in range(1, N_LAYERS + 1) for p in ("weight", "bias")}
     expected |= {f"bn{i}.{p}" for i in range(1, N_LAYERS + 1) for p in BN_KEYS}
     if set(arrays) != expected:
@@ -546,7 +567,7 @@ class XnorMLP:
 def float_size_bytes(layers: list[Layer]) -> int:
     return sum(4 * t.numel() for layer in layers
                for t in (layer.weight, layer.bias, layer.bn.gamma, layer.bn.beta,
-                         layer.bn.mean, layer.bn.var))
+                         layer.bn.mean, layer.bn.inv_std))
 
 
 # ---------------------------------------------------------------------------

@@ -31,23 +31,25 @@ recipe = dict(
 )
 
 
-def build_model(filters, num_units, H=1.0, W_LR_scale="Glorot", bn="standard", stochastic=False, binary=True):
+def build_model(filters, num_units, H=1.0, W_LR_scale="Glorot", bn="standard", stochastic=False, binary=True,
+                epsilon=binary_net.BN_EPSILON, alpha=binary_net.BN_ALPHA):
     """The paper's ConvNet: pairs of 3x3 binary convolutions, the second of each pair
     max-pooled before its batch norm, then two binary dense layers and the output layer.
     Module names conv1.., dense1.., bn1.. are the keys of the saved .npz."""
     opts = dict(binary=binary, stochastic=stochastic, H=H, W_LR_scale=W_LR_scale)
+    norm = lambda n: binary_net.BATCH_NORMS[bn](n, epsilon=epsilon, alpha=alpha)
     layers, c_in, size = [], 3, 32
     for i, c_out in enumerate(filters, start=1):
         layers.append((f"conv{i}", binary_net.Conv2DLayer(c_in, c_out, **opts)))
         if i % 2 == 0:  # pooling comes before batch norm, as in the reference
             layers.append((f"pool{i // 2}", nn.MaxPool2d(2)))
             size //= 2
-        layers += [(f"bn{i}", binary_net.BatchNorm(c_out, dim=2, kind=bn)), (f"act{i}", binary_net.activation(binary))]
+        layers += [(f"bn{i}", norm(c_out)), (f"act{i}", binary_net.activation(binary))]
         c_in = c_out
     n_in, n = c_in * size * size, len(filters)
     for j, n_out in enumerate([num_units, num_units, 10], start=1):
         layers += [(f"dense{j}", binary_net.DenseLayer(n_in, n_out, **opts)),
-                   (f"bn{n + j}", binary_net.BatchNorm(n_out, dim=1, kind=bn))]
+                   (f"bn{n + j}", norm(n_out))]
         if j < 3:
             layers.append((f"act{n + j}", binary_net.activation(binary)))
         n_in = n_out
@@ -55,7 +57,8 @@ def build_model(filters, num_units, H=1.0, W_LR_scale="Glorot", bn="standard", s
 
 
 def model_from_args(args, binary=True, r=recipe):
-    return build_model(r["filters"], args.hidden_units, r["H"], r["W_LR_scale"], args.bn, args.stochastic, binary)
+    return build_model(r["filters"], args.hidden_units, r["H"], r["W_LR_scale"], args.bn, args.stochastic, binary,
+                       r["epsilon"], r["alpha"])
 
 
 if __name__ == "__main__":

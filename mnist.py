@@ -38,17 +38,18 @@ def build_model(num_units=recipe["num_units"], n_hidden_layers=recipe["n_hidden_
     """The MLP, with module names dense1.., bn1.. that the saved .npz keys carry."""
     r = recipe
     dense = dict(binary=binary, stochastic=stochastic, H=r["H"], W_LR_scale=r["W_LR_scale"])
+    norm = lambda n: binary_net.BATCH_NORMS[bn](n, epsilon=r["epsilon"], alpha=r["alpha"])
     layers = [("dropout_in", nn.Dropout(r["dropout_in"]))]
     n_in = math.prod(r["input_shape"])
     for i in range(1, n_hidden_layers + 1):
         layers += [(f"dense{i}", binary_net.DenseLayer(n_in, num_units, **dense)),
-                   (f"bn{i}", binary_net.BatchNorm(num_units, dim=1, kind=bn)),
+                   (f"bn{i}", norm(num_units)),
                    (f"act{i}", binary_net.activation(binary)),
                    (f"dropout{i}", nn.Dropout(r["dropout_hidden"]))]
         n_in = num_units
     i = n_hidden_layers + 1
     layers += [(f"dense{i}", binary_net.DenseLayer(n_in, 10, **dense)),
-               (f"bn{i}", binary_net.BatchNorm(10, dim=1, kind=bn))]
+               (f"bn{i}", norm(10))]
     return nn.Sequential(OrderedDict(layers))
 
 

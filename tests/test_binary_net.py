@@ -151,7 +151,8 @@ def test_saved_parameters_are_named_arrays_numpy_opens(tmp_path):
     with np.load(tmp_path / "p.npz") as f:
         names = set(f.files)
         assert {"dense1.weight", "dense1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean",
-                "bn1.running_var", "dense4.weight", "bn4.running_var"} <= names
+                "bn1.running_inv_std", "dense4.weight", "bn4.running_inv_std"} <= names
+        assert not any(k.endswith("running_var") for k in names)
         assert f["dense1.weight"].shape == (32, 784) and f["dense4.weight"].shape == (10, 32)
         assert np.abs(f["dense2.weight"]).max() <= 1.0
 
@@ -176,3 +177,14 @@ def test_reused_binary_weight_buffer_never_feeds_a_stale_backward():
     second = model(x).sum()
     with pytest.raises(RuntimeError, match="modified inplace"):
         (first + second).backward()
+
+
+def test_checkpoint_with_pytorch_running_var_is_a_one_line_error(tmp_path):
+    """A checkpoint written before batch norm kept Lasagne's inv_std cannot be resumed."""
+    _tiny_run(tmp_path, "old", 1)
+    ckpt = torch.load(tmp_path / "old.ckpt", weights_only=False)
+    ckpt["model"] = {k.replace("running_inv_std", "running_var"): v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(bn.CheckpointError) as e:
+        _tiny_run(tmp_path, "old", 2, resume=True)
+    assert "running_var" in str(e.value) and "delete it" in str(e.value) and "\n" not in str(e.value)

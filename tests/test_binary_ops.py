@@ -511,7 +511,7 @@ def make_layer(n_out, n_in, seed, trained_like=False):
     mean[4:8], bias[4:8], beta[4:8], gamma[4:6] = torch.tensor([3.0, -5.0, 0.0, 2.0]), 0.0, 0.0, 1.0
     gamma[6:8] = -2.0
     gamma[8], var[8], beta[8] = 1e-30, 1e6, -1e-37   # extremes of float32
-    return bo.Layer(weight, bias, bo.BatchNorm(gamma, beta, mean, var))
+    return bo.Layer(weight, bias, bo.BatchNorm(gamma, beta, mean, torch.rsqrt(var + bo.BN_EPS)))
 
 
 @pytest.mark.parametrize("trained_like", [False, True])
@@ -583,7 +583,8 @@ def save_network(path, hidden, pixels, seed=0):
         beta = rng.normal(0, 0.3, n_out).astype(np.float32)
         arrays.update({f"dense{i}.weight": weight, f"dense{i}.bias": bias,
                        f"bn{i}.weight": gamma, f"bn{i}.bias": beta,
-                       f"bn{i}.running_mean": pre.mean(0).numpy(), f"bn{i}.running_var": pre.var(0).numpy()})
+                       f"bn{i}.running_mean": pre.mean(0).numpy(),
+                       f"bn{i}.running_inv_std": torch.rsqrt(pre.var(0) + bo.BN_EPS).numpy()})
         bn = bo.BatchNorm(*(torch.as_tensor(arrays[f"bn{i}.{p}"]) for p in bo.BN_KEYS))
         x, n_in = bo.binarize(bn(pre)), n_out
     np.savez(path, **arrays)
@@ -636,7 +637,7 @@ def bad_npz_files(tmp_path):
     good |= {f"dense{i}.bias": np.zeros(4, np.float32) for i in range(1, 5)}
     good |= {f"bn{i}.{p}": np.ones(4, np.float32) for i in range(1, 5) for p in bo.BN_KEYS}
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip file")
-    np.savez(tmp_path / "keys.npz", **{k: v for k, v in good.items() if k != "bn3.running_var"})
+    np.savez(tmp_path / "keys.npz", **{k: v for k, v in good.items() if k != "bn3.running_inv_std"})
     np.savez(tmp_path / "shape.npz", **(good | {"dense2.weight": np.zeros((4, 5), np.float32)}))
     np.savez(tmp_path / "vector.npz", **(good | {"bn1.bias": np.zeros(5, np.float32)}))
     return {"missing": tmp_path / "missing.npz", "corrupt": tmp_path / "corrupt.npz",
@@ -810,3 +811,22 @@ def test_cuda_network_matches_cpu():
     cuda_net = bo.XnorMLP([layer.to("cuda") for layer in layers])
     assert torch.equal(cuda_net(pixels.cuda()).cpu(), cpu_scores)
     assert torch.equal(bo.bit_planes(pixels.cuda()).cpu(), bo.bit_planes(pixels))
+
+
+def test_parameters_with_pytorch_running_var_are_converted_with_a_note(tmp_path, capsys):
+    """An .npz saved before batch norm kept Lasagne's inv_std holds bnN.running_var, which
+    such a model evaluated as 1 / sqrt(var + eps): loaded as that inv_std, with a note."""
+    gen = torch.Generator().manual_seed(3)
+    arrays = save_network(tmp_path / "new.npz", 64, torch.randint(0, 256, (200, 784), dtype=torch.uint8,
+                                                                   generator=gen))
+    old = {k.replace("running_inv_std", "running_var"): (1 / v.astype(np.float64) ** 2 - bo.BN_EPS
+                                                          if k.endswith("running_inv_std") else v)
+           for k, v in arrays.items()}
+    np.savez(tmp_path / "old.npz", **old)
+    new_layers, old_layers = bo.load_parameters(tmp_path / "new.npz"), bo.load_parameters(tmp_path / "old.npz")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "running_var" in err and "converted" in err
+    for a, b in zip(new_layers, old_layers):
+        torch.testing.assert_close(b.bn.inv_std, a.bn.inv_std, rtol=1e-6, atol=0)
+    pixels = torch.randint(0, 256, (500, 784), dtype=torch.uint8, generator=gen)
+    assert torch.equal(bo.FloatMLP(new_layers)(pixels).argmax(1), bo.FloatMLP(old_layers)(pixels).argmax(1))

@@ -35,7 +35,7 @@ def test_mnist_trains_a_working_bnn(tmp_path, mnist_dir):
     assert "binarized" in r.stdout and "LR_start = 0.003" in r.stdout  # summary and recipe
     assert metrics.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     with np.load(params) as f:
-        assert f["dense1.weight"].shape == (256, 784) and f["bn4.running_var"].shape == (10,)
+        assert f["dense1.weight"].shape == (256, 784) and f["bn4.running_inv_std"].shape == (10,)
     assert params.with_suffix(".ckpt").exists()
 
 

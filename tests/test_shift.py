@@ -58,7 +58,7 @@ def test_shift_batch_norm_equals_its_formula(shape):
     # the multiplications it replaces are by powers of two
     assert is_power_of_two(bn.ap2(norm.weight)) and is_power_of_two(bn.ap2(torch.rsqrt(var.float().flatten() + 1e-4)))
     # moving averages, alpha 0.1, then used at evaluation
-    assert torch.allclose(norm.running_var.double(), 0.9 + 0.1 * var.flatten(), rtol=1e-5)
+    assert torch.allclose(norm.running_inv_std.double(), 0.9 + 0.1 / torch.sqrt(var.flatten() + 1e-4), rtol=1e-5)
     norm.eval()
     y_eval = norm(x)
     assert torch.allclose(norm.running_mean, 0.1 * x.mean([d for d in range(x.dim()) if d != 1]), atol=1e-6)
