@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,8 +12,18 @@ sys.path.insert(0, str(ROOT))  # the flat scripts import as modules, as a user r
 MNIST_DIR = Path(os.environ.get("BINARYNET_MNIST", ROOT.parent / "shared" / "data" / "mnist"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mnist_dir():
     if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists() and not (MNIST_DIR / "train-images-idx3-ubyte").exists():
         pytest.skip(f"real MNIST not found in {MNIST_DIR} (set BINARYNET_MNIST)")
     return MNIST_DIR
+
+
+@pytest.fixture(params=["c_tiled", "c_baseline", "torch"])
+def cpu_path(request, monkeypatch):
+    """Each CPU code path in turn, as the kernel argument of xnor_matmul."""
+    if request.param.startswith("c_") and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    if request.param == "torch":
+        monkeypatch.setenv("BINARYNET_PURE_TORCH", "1")
+    return "baseline" if request.param == "c_baseline" else "xnor"
