@@ -24,7 +24,11 @@ from pathlib import Path
 
 # Large tensors on transparent huge pages: each step allocates 64 MB weight and gradient
 # matrices, whose 4 KiB page faults otherwise cost about a third of the time spent
-# writing them. Read once by torch's CPU allocator, so it must precede `import torch`.
+# writing them. torch's CPU allocator reads THP_MEM_ALLOC_ENABLE once, at its first
+# allocation (measured on torch 2.13: set after `import torch` it still works, set
+# after the first tensor it is ignored). So a script imports binary_net before it makes
+# a tensor, which an import at the top does; setting it here, above `import torch`,
+# keeps that true whatever is imported first. `THP_MEM_ALLOC_ENABLE=0` turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np  # noqa: E402

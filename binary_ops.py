@@ -23,17 +23,12 @@ import sys
 
 import torch
 
-from binary_net import sign  # sign(0) = +1, the training code's own binarization
+from binary_net import sign  # sign(0) = +1, as in training; binary_net also turns on huge pages (see there)
+from kernels import WORD_BITS, words  # the word count, written once for the kernels' wrappers too
 from kernels import cpu as cpu_kernels
 from kernels import cuda as cuda_kernels
 
-WORD_BITS = 64
 PIXEL_BITS = 8          # MNIST pixels are 8-bit fixed point
-
-
-def words(k: int) -> int:
-    """Number of 64-bit words that hold k packed signs."""
-    return (k + WORD_BITS - 1) // WORD_BITS
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ no GCN, no ZCA whitening and no data augmentation: pixels are only scaled to [-1
 """
 from collections import OrderedDict
 
-import binary_net  # first: it configures torch's allocator before torch is imported
+import binary_net  # sets THP_MEM_ALLOC_ENABLE (huge pages for large tensors) before torch's first tensor
 import datasets
 import torch.nn as nn
 

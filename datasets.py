@@ -211,7 +211,7 @@ def _mnist_remote(name, sha256):
     return _Remote(name, tuple(m + name for m in _MNIST_MIRRORS), "sha256", sha256, gunzip=True)
 
 
-# sha256 of the decompressed IDX files: /work/shared/data/README.md.
+# sha256 of the decompressed IDX files (as the shared data folder's README lists them).
 _MNIST = {
     "train_images": _mnist_remote("train-images-idx3-ubyte.gz",
                                   "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),

@@ -9,7 +9,7 @@ dropout 0.2 -> 3 x [binary dense 4096 -> BN -> binary_tanh_unit -> dropout 0.5]
 import math
 from collections import OrderedDict
 
-import binary_net  # first: it configures torch's allocator before torch is imported
+import binary_net  # sets THP_MEM_ALLOC_ENABLE (huge pages for large tensors) before torch's first tensor
 import datasets
 import torch.nn as nn
 

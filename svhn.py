@@ -6,7 +6,7 @@ The CIFAR-10 network (cifar10.build_model) with half the filters:
 64C3-64C3-MP2-128C3-128C3-MP2-256C3-256C3-MP2-1024FC-1024FC-10FC. Training is
 train + extra less the validation set (598,388 images), kept as uint8 until batched.
 """
-import binary_net
+import binary_net  # sets THP_MEM_ALLOC_ENABLE (huge pages for large tensors) before torch's first tensor
 import cifar10
 import datasets
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import words
+
 HERE = Path(__file__).parent
 # name -> (output tile: BM = BN in its .cu, threads per block)
 LAUNCH = {"xnor_gemm_tc": (128, (256, 1, 1)),
@@ -45,10 +47,6 @@ def launch(name: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k: in
 
 
 PACK_WARPS = 8   # WARPS in pack.cu: one warp per output word
-
-
-def words(k: int) -> int:
-    return (k + 63) // 64
 
 
 def launch_pack(name: str, n_words: int, out: torch.Tensor, args: list) -> torch.Tensor:

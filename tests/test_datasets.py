@@ -1,6 +1,6 @@
 """Tests for datasets.py.
 
-MNIST is checked on the real files in /work/shared/data/mnist when present;
+MNIST is checked on the real files (conftest's MNIST_DIR: ../shared/data/mnist) when present;
 CIFAR-10 and SVHN on small files written here in their exact on-disk formats.
 No test touches the network: urlopen is replaced for every test, and the
 download tests serve local bytes through it.
@@ -23,13 +23,14 @@ import scipy.io
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import datasets
+from conftest import MNIST_DIR
 from datasets import DataError
 
 # The files written here are not the published ones, so most loads warn about
 # checksums; tests that care assert the warning with pytest.warns.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(sha256|md5|cannot be read).*:UserWarning")
 
-REAL_MNIST = Path("/work/shared/data/mnist")
+REAL_MNIST = MNIST_DIR   # conftest: ../shared/data/mnist beside the checkout
 MNIST_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 needs_real_mnist = pytest.mark.skipif(
