@@ -23,7 +23,6 @@ from kernels import cuda as cuda_kernels
 # Timing
 # ---------------------------------------------------------------------------
 
-
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -37,7 +37,6 @@ PIXEL_BITS = 8          # MNIST pixels are 8-bit fixed point
 # compute (the tests compare each kernel with them).
 # ---------------------------------------------------------------------------
 
-
 def pack_torch(x: torch.Tensor) -> torch.Tensor:
     """Sign-and-pack the rows of a 2-D float tensor (layout: module doc)."""
     rows, k = x.shape
@@ -201,7 +200,6 @@ baseline_gemm_op = _op("baseline_gemm(Tensor a, Tensor b) -> Tensor", _baseline_
 # Public matrix functions, with one-line errors for user mistakes.
 # ---------------------------------------------------------------------------
 
-
 def _check_tensor(name, x, dtypes, what):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -304,7 +302,6 @@ def bit_planes(pixels: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Command line: --bench is bench.py, --infer is infer.py.
 # ---------------------------------------------------------------------------
-
 
 class UsageError(ValueError):
     """A mistake in the command or in a file it names; printed as one line."""

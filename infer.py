@@ -36,7 +36,6 @@ sign = binary_net.sign           # sign(0) = +1: the convention of both halves o
 # The MNIST network's parameters, as mnist.py saves them.
 # ---------------------------------------------------------------------------
 
-
 class ParameterError(UsageError):
     """A parameter file that cannot be used; the message is one line."""
 
@@ -51,10 +50,10 @@ class BatchNorm:
     inv_std: torch.Tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # The float path and the threshold folding both call this, so the
-        # 1-bit path decides every rounding-level tie as the float path does;
-        # the order of operations is the training module's, so it also
-        # predicts as the trained network in eval mode does.
+        # binary_net.BatchNorm's evaluation, operation for operation (a test
+        # checks them bit for bit): the float path runs that module and the
+        # threshold folding this, so the 1-bit path decides every
+        # rounding-level tie as the float path does.
         return (x - self.mean) * (self.gamma * self.inv_std) + self.beta
 
     def to(self, device):
@@ -152,7 +151,6 @@ def centered_pixels(pixels: torch.Tensor) -> torch.Tensor:
 # The float32 network: the reference the 1-bit network must agree with.
 # ---------------------------------------------------------------------------
 
-
 def state_dict(layers: list[Layer]) -> dict:
     """The parameters under the training model's names (dense1.weight, bn1.running_inv_std, ...)."""
     state = {}
@@ -222,7 +220,6 @@ class FloatMLP:
 # ---------------------------------------------------------------------------
 # The 1-bit network.
 # ---------------------------------------------------------------------------
-
 
 def fold_threshold(layer: Layer, dense_output, bound: int):
     """Fold a hidden layer's bias, batch norm and sign into one integer
@@ -327,7 +324,6 @@ def float_size_bytes(layers: list[Layer]) -> int:
 # ---------------------------------------------------------------------------
 # --infer: the paper's 1-bit MNIST inference.
 # ---------------------------------------------------------------------------
-
 
 def error_rate(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Test error in percent, as mnist.py reports it."""

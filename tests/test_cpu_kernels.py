@@ -18,7 +18,6 @@ from kernels import cpu as cpu_kernels
 # The vertical kernel, every popcount variant, the PyTorch fallback
 # ---------------------------------------------------------------------------
 
-
 def rows_at_the_edges(a):
     """Rows of A whose steps in the AVX2 vertical kernel are extreme: all +1
     (K set bits, counted over their clear bits: no step), all -1 (no set
@@ -280,7 +279,6 @@ def test_threads_pool_in_forked_child():
 # ---------------------------------------------------------------------------
 # The build cache and the custom ops' registration
 # ---------------------------------------------------------------------------
-
 
 @needs_c
 def test_build_cache_rebuilds_on_source_change(tmp_path, monkeypatch):

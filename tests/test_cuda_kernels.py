@@ -15,7 +15,6 @@ from kernels import cuda as cuda_kernels
 # CUDA: compile-only everywhere nvcc exists; run where a GPU exists
 # ---------------------------------------------------------------------------
 
-
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 @pytest.mark.parametrize("source", sorted((ROOT / "kernels").glob("*.cu")), ids=lambda p: p.name)
 def test_cuda_source_compiles(tmp_path, source):

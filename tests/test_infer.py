@@ -21,7 +21,6 @@ from helpers import ROOT, needs_cuda, scale_pixels, unpack
 # Threshold folding: batch norm + sign as one integer comparison
 # ---------------------------------------------------------------------------
 
-
 def make_layer(n_out, n_in, seed, trained_like=False):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)
@@ -109,7 +108,6 @@ def test_network_predictions_match_on_random_pixels(cpu_path):
 # ---------------------------------------------------------------------------
 # --infer end to end, and the command line's errors
 # ---------------------------------------------------------------------------
-
 
 def save_network(path, hidden, pixels, seed=0):
     """A random network with batch-norm statistics taken from real images

@@ -14,7 +14,6 @@ from helpers import HAS_C, SHAPES, random_operands, reference_matmul, unpack
 # Exactness of the GEMM on every path
 # ---------------------------------------------------------------------------
 
-
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_xnor_matmul_exact(cpu_path, m, k, n):
     a, b = random_operands(m, k, n, seed=m + 7 * k + 13 * n)
@@ -75,7 +74,6 @@ def test_packed_product_into_out(monkeypatch, pure_torch):
 # ---------------------------------------------------------------------------
 # Packing
 # ---------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("shape", [(1,), (3, 1), (2, 64), (5, 65), (2, 3, 130), (7, 4096)])
 def test_pack_round_trip(cpu_path, shape):
@@ -150,7 +148,6 @@ def test_error_messages(call, error, words):
 # ---------------------------------------------------------------------------
 # The custom ops' registration
 # ---------------------------------------------------------------------------
-
 
 def test_custom_ops_registered():
     a, b = random_operands(5, 70, 3, seed=2)
