@@ -1,7 +1,7 @@
 """BinaryNet's 1-bit run time (Courbariaux et al. 2016, arXiv 1602.02830,
-section "Run-time"): the ops.
+section "Run-time" and the MNIST inference it reports).
 
-A trained BNN multiplies matrices of +-1.  Packing 64 signs into a word turns a
+The ops.  A trained BNN multiplies matrices of +-1.  Packing 64 signs into a word turns a
 dot product of K values into K - 2 * popcount(a XOR b): bits that agree count
 +1, bits that differ -1.  This module is the PyTorch face of the hand-written
 kernels in kernels/ (C on the CPU, CUDA on the GPU), exposed as torch.library
@@ -103,7 +103,8 @@ def fire_torch(d: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 # register_fake) rather than torch.library.custom_op, whose Python wrappers
 # (autograd, default filling, aliasing checks) cost 60-90 us a call against
 # ~6 us here: a tenth of a 100-row XNOR product.  None of them has a
-# gradient; their outputs are integer tensors.
+# gradient; their outputs are integer tensors.  infer.py calls xnor_gemm_op
+# and xnor_fire_op directly, on operands it has packed and checked itself.
 # ---------------------------------------------------------------------------
 
 _LIB = torch.library.Library("binarynet", "DEF")

@@ -1,9 +1,10 @@
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import HAS_C
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the flat scripts import as modules, as a user runs them
@@ -22,7 +23,7 @@ def mnist_dir():
 @pytest.fixture(params=["c_tiled", "c_baseline", "torch"])
 def cpu_path(request, monkeypatch):
     """Each CPU code path in turn, as the kernel argument of xnor_matmul."""
-    if request.param.startswith("c_") and shutil.which("gcc") is None:
+    if request.param.startswith("c_") and not HAS_C:
         pytest.skip("no C compiler")
     if request.param == "torch":
         monkeypatch.setenv("BINARYNET_PURE_TORCH", "1")

@@ -18,6 +18,21 @@ from kernels import cpu as cpu_kernels
 # The vertical kernel, every popcount variant, the PyTorch fallback
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("k", [64 * 31, 64 * 124, 64 * 124 + 64 * 35 - 9])
+def test_xnor_matmul_counters_at_their_limit(cpu_path, k):
+    """Rows of A that agree with rows of B everywhere, nowhere and half the
+    time: the popcount of every word is 64 or 0, which fills the AVX2
+    kernels' byte counters to their limit (31 words a call in the tile
+    kernel, 31 groups of 4 words per K slice in the Harley-Seal kernel).
+    Six rows of A, so that the 4-row tile kernel runs too."""
+    a = torch.ones(6, k)
+    a[1::3] = -1.0
+    a[2::3, ::2] = -1.0
+    b = torch.ones(k, 11)
+    b[:, 1::2] = -1.0
+    assert torch.equal(bo.xnor_matmul(a, b, kernel=cpu_path), reference_matmul(a, b))
+
+
 def rows_at_the_edges(a):
     """Rows of A whose steps in the AVX2 vertical kernel are extreme: all +1
     (K set bits, counted over their clear bits: no step), all -1 (no set
