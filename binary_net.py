@@ -14,9 +14,11 @@ normalization and shift-based AdaMax) and `main`, the command line that every
 benchmark script (mnist.py, cifar10.py, svhn.py) shares.
 """
 import argparse
+import copy
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
@@ -335,11 +337,14 @@ def clipping_scaling(model, lr, optimizer="adam"):
 
 
 def set_lr(optimizer, lr):
+    """The epoch's LR in every group. An LR held as a tensor (the CUDA graph's, see
+    cuda_step.py) is filled in place: the graph reads it from its fixed address."""
     for group in optimizer.param_groups:
-        if isinstance(optimizer, ShiftAdaMax):
-            group["lr"] = lr  # the scale stays apart, to be rounded with the rest
+        value = lr if isinstance(optimizer, ShiftAdaMax) else lr * group["scale"]  # AdaMax rounds its scale itself
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr * group["scale"]
+            group["lr"] = value
 
 
 @torch.no_grad()
@@ -382,12 +387,14 @@ def train_step(model, optimizer, x, y):
 def evaluate(model, X, y, batch_size):
     """Mean loss and error rate (percent) over all of X, in evaluation mode."""
     model.eval()
-    loss, errors = 0.0, 0
+    # summed on the device (in float64, as Python's floats summed them): one sync in all
+    loss = torch.zeros((), dtype=torch.float64, device=X.device)
+    errors = torch.zeros((), dtype=torch.int64, device=X.device)
     for i in range(0, len(X), batch_size):
         out = model(scale_pixels(X[i:i + batch_size]))
-        loss += squared_hinge_loss(out, y[i:i + batch_size]).item() * len(out)
-        errors += (out.argmax(1) != y[i:i + batch_size]).sum().item()
-    return loss / len(X), 100.0 * errors / len(X)
+        loss += squared_hinge_loss(out, y[i:i + batch_size]).double() * len(out)
+        errors += (out.argmax(1) != y[i:i + batch_size]).sum()
+    return loss.item() / len(X), 100.0 * errors.item() / len(X)
 
 
 def train_epoch(model, optimizer, X, y, batch_size, generator, progress):
@@ -435,15 +442,32 @@ def save_parameters(model, path):
     _atomic_save(path, lambda f: np.savez(f, **state_to_numpy(model)))
 
 
+def device_name(device):
+    """The device in words, for the metrics: "cuda: NVIDIA H200", "cpu: AMD EPYC 9454"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{device.type}: {model or platform.processor() or platform.machine() or 'unknown'}"
+
+
 def train(model, optimizer, data, batch_size, LR_start, LR_fin, num_epochs, save_path=None,
           checkpoint_path=None, metrics_path=None, resume=False, seed=0, progress=True,
-          log=print):
+          log=print, checkpoint_every=0, fast_step=False, eval_batch_size=None):
     """The reference training loop (binary_net.train).
 
     Shuffle every epoch; train on full batches; evaluate validation; when
     val_err <= best, record the epoch, evaluate test and save the parameters; decay the
-    LR once per epoch. At the end of every epoch the whole training state is written
-    atomically to `checkpoint_path`, from which `resume=True` continues exactly.
+    LR once per epoch. The whole training state is written atomically to
+    `checkpoint_path` when `checkpoint_every` minutes have passed since the last write
+    (0: every epoch), after the last epoch, and on KeyboardInterrupt (the state of the
+    last finished epoch, kept in memory; the interrupt is then raised again). From it
+    `resume=True` continues exactly. `fast_step`: train through cuda_step.FastStep (one
+    CUDA graph a step); `eval_batch_size`: the batch of evaluation (default batch_size).
     `data` maps 'train', 'valid', 'test' to (X uint8, y int64) tensors on the device.
     Returns the list of per-epoch metrics."""
     X_train, y_train = data["train"]
@@ -456,40 +480,69 @@ def train(model, optimizer, data, batch_size, LR_start, LR_fin, num_epochs, save
         log(f"resumed from {checkpoint_path} after epoch {start}")
     elif resume:
         log(f"no checkpoint at {checkpoint_path}: starting from scratch")
-    if metrics_path:  # rewrite what the checkpoint knows, so the two never disagree
+    if metrics_path:  # rewrite what the checkpoint knows: rows of epochs after it are run again
         _atomic_save(metrics_path, lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
-    for epoch in range(start, num_epochs):
-        lr = LR_start * decay ** epoch
-        set_lr(optimizer, lr)
-        t0 = time.time()
-        train_loss = train_epoch(model, optimizer, X_train, y_train, batch_size, generator, progress)
-        val_loss, val_err = evaluate(model, *data["valid"], batch_size)
-        if val_err <= best["best_val_err"]:
-            best["best_val_err"], best["best_epoch"] = val_err, epoch + 1
-            best["test_loss"], best["test_err"] = evaluate(model, *data["test"], batch_size)
-            if save_path:
-                save_parameters(model, save_path)
-        row = dict(epoch=epoch + 1, seconds=time.time() - t0, lr=lr, train_loss=train_loss,
-                   val_loss=val_loss, val_err=val_err, **best)
-        history.append(row)
-        report_epoch(row, num_epochs, log)
-        if metrics_path:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            plot_history(history, Path(metrics_path).with_suffix(".png"))
-        if checkpoint_path:
-            save_checkpoint(checkpoint_path, model, optimizer, generator, history, best, epoch + 1)
+    if fast_step:  # after the checkpoint is loaded: the graph holds the addresses of its tensors
+        import cuda_step
+        fast_step = cuda_step.FastStep(model, optimizer, X_train, y_train, batch_size)
+    eval_batch_size = eval_batch_size or batch_size
+    device = device_name(X_train.device)
+    state = lambda epoch: dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                               generator=generator.get_state(), rng=torch.get_rng_state(),
+                               cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                               history=history, best=best, epoch=epoch)
+    last_write, unsaved = time.monotonic(), None  # unsaved: a finished epoch's state not yet written
+    try:
+        for epoch in range(start, num_epochs):
+            lr = LR_start * decay ** epoch
+            set_lr(optimizer, lr)
+            t0 = time.time()
+            if fast_step:
+                train_loss = fast_step.epoch(generator, progress)
+            else:
+                train_loss = train_epoch(model, optimizer, X_train, y_train, batch_size, generator, progress)
+            val_loss, val_err = evaluate(model, *data["valid"], eval_batch_size)
+            if val_err <= best["best_val_err"]:
+                best["best_val_err"], best["best_epoch"] = val_err, epoch + 1
+                best["test_loss"], best["test_err"] = evaluate(model, *data["test"], eval_batch_size)
+                if save_path:
+                    save_parameters(model, save_path)
+            row = dict(epoch=epoch + 1, seconds=time.time() - t0, lr=lr, train_loss=train_loss,
+                       val_loss=val_loss, val_err=val_err, **best, device=device)
+            history.append(row)
+            report_epoch(row, num_epochs, log)
+            if metrics_path:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if not checkpoint_path:
+                continue
+            if epoch + 1 == num_epochs or checkpoint_due(last_write, checkpoint_every):
+                save_checkpoint(checkpoint_path, state(epoch + 1))
+                last_write, unsaved = time.monotonic(), None
+                if metrics_path:
+                    plot_history(history, Path(metrics_path).with_suffix(".png"))
+            else:
+                unsaved = copy.deepcopy(state(epoch + 1))  # a copy: the next steps change the tensors
+    except KeyboardInterrupt:
+        if unsaved is not None:
+            save_checkpoint(checkpoint_path, unsaved)
+        raise
+    if metrics_path and not checkpoint_path:
+        plot_history(history, Path(metrics_path).with_suffix(".png"))
     return history
 
 
-def save_checkpoint(path, model, optimizer, generator, history, best, epoch):
-    """The whole training state after `epoch`, written atomically: RNGs included, so a
-    resumed run draws the same shuffles and dropout masks as an uninterrupted one."""
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
-                rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                history=history, best=best, epoch=epoch)
-    _atomic_save(path, lambda f: torch.save(ckpt, f))
+def checkpoint_due(last_write, every_minutes, now=None):
+    """Whether `every_minutes` have passed since the checkpoint written at `last_write`
+    (time.monotonic() seconds); 0 minutes: always."""
+    now = time.monotonic() if now is None else now
+    return now - last_write >= 60.0 * every_minutes
+
+
+def save_checkpoint(path, state):
+    """The whole training state (train's `state`), written atomically: RNGs included, so
+    a resumed run draws the same shuffles and dropout masks as an uninterrupted one."""
+    _atomic_save(path, lambda f: torch.save(state, f))
 
 
 class CheckpointError(Exception):
@@ -497,7 +550,11 @@ class CheckpointError(Exception):
 
 
 def load_checkpoint(path, model, optimizer, generator):
-    """Restore what save_checkpoint wrote; returns (history, best, epoch)."""
+    """Restore what save_checkpoint wrote; returns (history, best, epoch).
+
+    Each group keeps its own LR object and `capturable` flag (set each epoch, and by
+    cuda_step for its graph), so that either step resumes from either one's checkpoint."""
+    own = [{k: g[k] for k in ("lr", "capturable") if k in g} for g in optimizer.param_groups]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if any(k.endswith(".running_var") for k in ckpt["model"]):
@@ -505,6 +562,8 @@ def load_checkpoint(path, model, optimizer, generator):
                                   f"statistics (running_var, not running_inv_std); delete it to start afresh")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, kept in zip(optimizer.param_groups, own):
+            group.update(kept)
     except CheckpointError:
         raise
     except Exception as e:  # torch.load and load_state_dict raise many kinds, all multi-line
@@ -606,6 +665,13 @@ def parse_args(recipe, argv=None):
                    help="Adam, or the paper's shift-based AdaMax")
     p.add_argument("--stochastic", action="store_true", help="stochastic weight binarization")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=float, default=10.0, metavar="MINUTES",
+                   help="write the training state when this long has passed since the last write (0: every "
+                   "epoch); always after the last epoch and on Ctrl-C")
+    p.add_argument("--no-fast-step", action="store_true",
+                   help="on CUDA, the plain eager step instead of one CUDA graph a step (cuda_step.py)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random pixels and labels in the real split sizes instead of the data, to time epochs")
     p.add_argument("--bench-step", type=int, default=0, metavar="N",
                    help="time N training steps of the BNN and of its float twin on random pixels, then exit")
     args = p.parse_args(argv)
@@ -614,6 +680,8 @@ def parse_args(recipe, argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
+    if not args.checkpoint_every >= 0:
+        p.error("--checkpoint-every must be 0 or more minutes")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -646,6 +714,21 @@ def bench_step(recipe, build_model, args, device):
     return med
 
 
+FAST_EVAL_BATCH = 1000  # evaluation's batch with the fast step: in eval mode a batch's size changes no output
+
+
+def synthetic_data(recipe, limit, device, seed):
+    """Random pixels and labels on the device, in the recipe's split sizes (first `limit`
+    of each): a step's time does not depend on the values, so epochs are timed on these."""
+    g = torch.Generator(device).manual_seed(seed)
+    data = {}
+    for name, n in zip(("train", "valid", "test"), recipe["split_sizes"]):
+        n = min(n, limit or n)
+        data[name] = (torch.randint(0, 256, (n, *recipe["input_shape"]), generator=g, dtype=torch.uint8, device=device),
+                      torch.randint(0, 10, (n,), generator=g, device=device))
+    return data
+
+
 def main(recipe, build_model, load_data, argv=None):
     """Parse the flags, print the recipe, load the data, build the model, train.
 
@@ -655,23 +738,30 @@ def main(recipe, build_model, load_data, argv=None):
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     args = parse_args(recipe, argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # float32 throughout: cuDNN's convolutions would otherwise round their inputs to TF32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(args.seed)
     if args.bench_step:
         return bench_step(recipe, build_model, args, device)
+    fast = device.type == "cuda" and args.optimizer == "adam" and not args.no_fast_step
     constants = dict(recipe, save_path=args.save_path, num_epochs=args.epochs, batch_size=args.batch_size, num_units=args.hidden_units,
-                     bn=args.bn, optimizer=args.optimizer, stochastic=args.stochastic, device=str(device))
+                     bn=args.bn, optimizer=args.optimizer, stochastic=args.stochastic, device=device_name(device),
+                     fast_step=fast, tf32=False)
     constants.pop("description")
     for k, v in constants.items():
         print(f"{k} = {v}")
-    try:
-        splits = load_data(args.data_dir)
-    except datasets.DataError as e:
-        sys.exit(f"error: {e}")
-    data = {}
-    for name, (X, y) in splits.items():
-        X, y = X[:args.limit], y[:args.limit]
-        data[name] = (torch.from_numpy(np.require(X, requirements=["C", "W"])).to(device),
-                      torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
+    if args.synthetic:
+        data = synthetic_data(recipe, args.limit, device, args.seed)
+    else:
+        try:
+            splits = load_data(args.data_dir)
+        except datasets.DataError as e:
+            sys.exit(f"error: {e}")
+        data = {}
+        for name, (X, y) in splits.items():
+            X, y = X[:args.limit], y[:args.limit]
+            data[name] = (torch.from_numpy(np.require(X, requirements=["C", "W"])).to(device),
+                          torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
     if len(data["train"][0]) < args.batch_size:
         sys.exit(f"error: {len(data['train'][0])} training examples is fewer than one batch of {args.batch_size}")
     print("splits: " + ", ".join(f"{k} {len(v[0]):,}" for k, v in data.items()))
@@ -687,7 +777,8 @@ def main(recipe, build_model, load_data, argv=None):
     try:
         train(model, optimizer, data, args.batch_size, recipe["LR_start"], recipe["LR_fin"], args.epochs,
               save_path=args.save_path, checkpoint_path=checkpoint, metrics_path=args.metrics,
-              resume=args.resume, seed=args.seed, progress=not args.no_progress)
+              resume=args.resume, seed=args.seed, progress=not args.no_progress,
+              checkpoint_every=args.checkpoint_every, fast_step=fast, eval_batch_size=FAST_EVAL_BATCH if fast else None)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

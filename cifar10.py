@@ -16,6 +16,7 @@ import torch.nn as nn
 # The recipe of the reference cifar10.py (all of its constants, in one place)
 recipe = dict(
     description=__doc__.splitlines()[0],
+    split_sizes=(45_000, 5_000, 10_000),  # train, valid, test (for --synthetic)
     input_shape=(3, 32, 32),
     batch_size=50,
     alpha=binary_net.BN_ALPHA,        # batch norm moving-average factor

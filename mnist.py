@@ -16,6 +16,7 @@ import torch.nn as nn
 # The recipe of the reference mnist.py (all of its constants, in one place)
 recipe = dict(
     description=__doc__.splitlines()[0],
+    split_sizes=(50_000, 10_000, 10_000),  # train, valid, test (for --synthetic)
     input_shape=(1, 28, 28),
     batch_size=100,
     alpha=binary_net.BN_ALPHA,        # batch norm moving-average factor

@@ -13,6 +13,7 @@ import datasets
 # The recipe of the reference svhn.py (all of its constants, in one place)
 recipe = dict(
     description=__doc__.splitlines()[0],
+    split_sizes=(598_388, 6_000, 26_032),  # train, valid, test (for --synthetic)
     input_shape=(3, 32, 32),
     batch_size=50,
     alpha=binary_net.BN_ALPHA,        # batch norm moving-average factor

@@ -1,4 +1,5 @@
 """binary_net.py against hand-computed values and plain re-computations of the paper."""
+import json
 import math
 
 import numpy as np
@@ -188,3 +189,76 @@ def test_checkpoint_with_pytorch_running_var_is_a_one_line_error(tmp_path):
     with pytest.raises(bn.CheckpointError) as e:
         _tiny_run(tmp_path, "old", 2, resume=True)
     assert "running_var" in str(e.value) and "delete it" in str(e.value) and "\n" not in str(e.value)
+
+
+def _cadence_run(tmp_path, name, log=print, resume=False):
+    import mnist
+    torch.manual_seed(0)
+    model = mnist.build_model(32)
+    return bn.train(model, bn.clipping_scaling(model, 0.003), _tiny_data(), 20, 0.003, 3e-7, 4,
+                    save_path=tmp_path / f"{name}.npz", checkpoint_path=tmp_path / f"{name}.ckpt",
+                    metrics_path=tmp_path / f"{name}.jsonl", resume=resume, progress=False, log=log,
+                    checkpoint_every=1e9)
+
+
+def _killed_at(epoch, exception):
+    def log(line):
+        if line.startswith(f"Epoch {epoch} of"):  # that epoch trained, its row not yet written
+            raise exception
+    return log
+
+
+_strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_ctrl_c_writes_the_last_finished_epoch_kept_in_memory(tmp_path):
+    """With a cadence that never comes due, Ctrl-C in epoch 3 writes the state of epoch
+    2 (kept in memory); --resume from it ends as the uninterrupted run."""
+    full = _tiny_run(tmp_path, "full", 4)
+    with pytest.raises(KeyboardInterrupt):
+        _cadence_run(tmp_path, "cut", log=_killed_at(3, KeyboardInterrupt))
+    assert torch.load(tmp_path / "cut.ckpt", weights_only=False)["epoch"] == 2
+    assert _strip(_cadence_run(tmp_path, "cut", resume=True)) == _strip(full)
+    assert torch.load(tmp_path / "cut.ckpt", weights_only=False)["epoch"] == 4  # always after the last
+
+
+def test_epochs_after_the_checkpoint_are_run_again_without_duplicate_rows(tmp_path, monkeypatch):
+    """A checkpoint after epoch 1 only, then a kill that writes nothing, in epoch 4: the
+    metrics hold rows 1-3; --resume runs epochs 2-4 again and the file ends with one
+    row an epoch, equal to the uninterrupted run's."""
+    full = _tiny_run(tmp_path, "full", 4)
+    due = iter([True] + [False] * 10)
+    monkeypatch.setattr(bn, "checkpoint_due", lambda *_: next(due))
+    with pytest.raises(SystemExit):  # not a KeyboardInterrupt: nothing is written, as with SIGKILL
+        _cadence_run(tmp_path, "cut", log=_killed_at(4, SystemExit))
+    assert torch.load(tmp_path / "cut.ckpt", weights_only=False)["epoch"] == 1
+    assert len((tmp_path / "cut.jsonl").read_text().splitlines()) == 3
+    assert _strip(_cadence_run(tmp_path, "cut", resume=True)) == _strip(full)
+    rows = [json.loads(line) for line in (tmp_path / "cut.jsonl").read_text().splitlines()]
+    assert _strip(rows) == _strip(full)
+
+
+def test_checkpoint_cadence():
+    assert bn.checkpoint_due(100.0, 0, now=100.0)
+    assert not bn.checkpoint_due(100.0, 10, now=100.0 + 599.9)
+    assert bn.checkpoint_due(100.0, 10, now=100.0 + 600.0)
+
+
+def test_every_metrics_row_names_the_device(tmp_path):
+    rows = _tiny_run(tmp_path, "d", 1)
+    with open("/proc/cpuinfo") as f:  # Linux: the model name of the first processor
+        name = [line.split(":")[1].strip() for line in f if line.startswith("model name")][0]
+    assert rows[0]["device"] == f"cpu: {name}"
+    assert json.loads((tmp_path / "d.jsonl").read_text())["device"] == f"cpu: {name}"
+
+
+def test_set_lr_fills_a_tensor_lr_in_place():
+    import cuda_step
+    model = torch.nn.Sequential(bn.DenseLayer(6, 5), torch.nn.BatchNorm1d(5))
+    opt = bn.clipping_scaling(model, 0.003)
+    cuda_step.make_capturable(opt)
+    lrs = [g["lr"] for g in opt.param_groups]
+    bn.set_lr(opt, 0.001)
+    assert [g["lr"] for g in opt.param_groups] == lrs  # the same tensors, filled
+    assert [g["lr"].item() for g in opt.param_groups] == [0.001 * model[0].W_LR_scale, 0.001]
+    assert all(g["capturable"] for g in opt.param_groups)

@@ -1,7 +1,10 @@
 """mnist.py end to end, as a user runs it, on the real MNIST."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -27,8 +30,9 @@ def test_mnist_trains_a_working_bnn(tmp_path, mnist_dir):
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r_["epoch"] for r_ in rows] == [1, 2]
     keys = {"epoch", "seconds", "lr", "train_loss", "val_loss", "val_err", "best_epoch", "best_val_err",
-            "test_loss", "test_err"}
+            "test_loss", "test_err", "device"}
     assert all(set(row) == keys for row in rows)
+    assert all(row["device"].startswith("cpu: ") for row in rows)
     assert rows[1]["lr"] == rows[0]["lr"] * (3e-7 / 0.003) ** (1 / 2)
     assert rows[-1]["test_err"] <= 10.0, rows[-1]
     assert "test error rate:" in r.stdout and "best validation error rate:" in r.stdout
@@ -73,3 +77,29 @@ def test_bench_step_times_the_bnn_against_its_float_twin():
     r = run_script("--bench-step", 2, "--hidden-units", 32)
     assert r.returncode == 0, r.stderr
     assert "training step, batch 100, 2 steps each" in r.stdout and "ratio" in r.stdout
+
+
+def test_sigkill_then_resume_ends_with_the_same_numbers(tmp_path, mnist_dir):
+    """A real `python mnist.py` killed with SIGKILL after its first checkpoint, then run
+    again with --resume: the same final metrics and parameters as an uninterrupted run."""
+    common = ["--epochs", 4, "--hidden-units", 32, "--limit", 1000, "--checkpoint-every", 0, "--data-dir", mnist_dir]
+    full = tmp_path / "full"
+    assert run_script(*common, "--metrics", full.with_suffix(".jsonl"), "--save-path", full.with_suffix(".npz")).returncode == 0
+    cut = tmp_path / "cut"
+    args = [*common, "--metrics", cut.with_suffix(".jsonl"), "--save-path", cut.with_suffix(".npz")]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "mnist.py"), "--no-progress", *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not cut.with_suffix(".ckpt").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    r = run_script(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "after epoch 4" not in r.stdout
+    read = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                      for line in p.with_suffix(".jsonl").read_text().splitlines()]
+    assert read(cut) == read(full) and len(read(full)) == 4
+    with np.load(full.with_suffix(".npz")) as a, np.load(cut.with_suffix(".npz")) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
