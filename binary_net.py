@@ -501,14 +501,15 @@ def train(model, optimizer, data, batch_size, LR_start, LR_fin, num_epochs, save
                 train_loss = fast_step.epoch(generator, progress)
             else:
                 train_loss = train_epoch(model, optimizer, X_train, y_train, batch_size, generator, progress)
+            train_seconds = time.time() - t0  # to the loss's read, which waits for the device
             val_loss, val_err = evaluate(model, *data["valid"], eval_batch_size)
             if val_err <= best["best_val_err"]:
                 best["best_val_err"], best["best_epoch"] = val_err, epoch + 1
                 best["test_loss"], best["test_err"] = evaluate(model, *data["test"], eval_batch_size)
                 if save_path:
                     save_parameters(model, save_path)
-            row = dict(epoch=epoch + 1, seconds=time.time() - t0, lr=lr, train_loss=train_loss,
-                       val_loss=val_loss, val_err=val_err, **best, device=device)
+            row = dict(epoch=epoch + 1, seconds=time.time() - t0, train_seconds=train_seconds, lr=lr,
+                       train_loss=train_loss, val_loss=val_loss, val_err=val_err, **best, device=device)
             history.append(row)
             report_epoch(row, num_epochs, log)
             if metrics_path:

@@ -29,7 +29,7 @@ def test_mnist_trains_a_working_bnn(tmp_path, mnist_dir):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r_["epoch"] for r_ in rows] == [1, 2]
-    keys = {"epoch", "seconds", "lr", "train_loss", "val_loss", "val_err", "best_epoch", "best_val_err",
+    keys = {"epoch", "seconds", "train_seconds", "lr", "train_loss", "val_loss", "val_err", "best_epoch", "best_val_err",
             "test_loss", "test_err", "device"}
     assert all(set(row) == keys for row in rows)
     assert all(row["device"].startswith("cpu: ") for row in rows)
@@ -96,10 +96,30 @@ def test_sigkill_then_resume_ends_with_the_same_numbers(tmp_path, mnist_dir):
     r = run_script(*args, "--resume")
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and "after epoch 4" not in r.stdout
-    read = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+    read = lambda p: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "train_seconds")}
                       for line in p.with_suffix(".jsonl").read_text().splitlines()]
     assert read(cut) == read(full) and len(read(full)) == 4
     with np.load(full.with_suffix(".npz")) as a, np.load(cut.with_suffix(".npz")) as b:
         assert sorted(a.files) == sorted(b.files)
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_synthetic_data_has_the_real_split_sizes(tmp_path):
+    import torch
+
+    import binary_net as bn
+    import cifar10
+    import mnist
+    import svhn
+    assert mnist.recipe["split_sizes"] == (50_000, 10_000, 10_000)
+    assert cifar10.recipe["split_sizes"] == (45_000, 5_000, 10_000)
+    assert svhn.recipe["split_sizes"] == (604_388 - 6_000, 6_000, 26_032)  # train + extra, less valid
+    data = bn.synthetic_data(dict(split_sizes=(7, 5, 3), input_shape=(3, 2, 2)), 6, "cpu", 0)
+    assert {k: (tuple(X.shape), tuple(y.shape)) for k, (X, y) in data.items()} == {
+        "train": ((6, 3, 2, 2), (6,)), "valid": ((5, 3, 2, 2), (5,)), "test": ((3, 3, 2, 2), (3,))}
+    assert all(X.dtype == torch.uint8 and y.dtype == torch.int64 and 0 <= y.min() and y.max() < 10
+               for X, y in data.values())
+    r = run_script("--synthetic", "--epochs", 1, "--hidden-units", 16, "--limit", 200, "--save-path", tmp_path / "p.npz")
+    assert r.returncode == 0, r.stderr
+    assert "splits: train 200, valid 200, test 200" in r.stdout
