@@ -725,8 +725,8 @@ def synthetic_data(recipe, limit, device, seed):
     data = {}
     for name, n in zip(("train", "valid", "test"), recipe["split_sizes"]):
         n = min(n, limit or n)
-        data[name] = (torch.randint(0, 256, (n, *recipe["input_shape"]), generator=g, dtype=torch.uint8, device=device),
-                      torch.randint(0, 10, (n,), generator=g, device=device))
+        X = torch.randint(0, 256, (n, *recipe["input_shape"]), generator=g, dtype=torch.uint8, device=device)
+        data[name] = (X, torch.randint(0, 10, (n,), generator=g, device=device))
     return data
 
 
@@ -779,7 +779,8 @@ def main(recipe, build_model, load_data, argv=None):
         train(model, optimizer, data, args.batch_size, recipe["LR_start"], recipe["LR_fin"], args.epochs,
               save_path=args.save_path, checkpoint_path=checkpoint, metrics_path=args.metrics,
               resume=args.resume, seed=args.seed, progress=not args.no_progress,
-              checkpoint_every=args.checkpoint_every, fast_step=fast, eval_batch_size=FAST_EVAL_BATCH if fast else None)
+              checkpoint_every=args.checkpoint_every, fast_step=fast,
+              eval_batch_size=FAST_EVAL_BATCH if fast else None)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -29,8 +29,8 @@ def test_mnist_trains_a_working_bnn(tmp_path, mnist_dir):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r_["epoch"] for r_ in rows] == [1, 2]
-    keys = {"epoch", "seconds", "train_seconds", "lr", "train_loss", "val_loss", "val_err", "best_epoch", "best_val_err",
-            "test_loss", "test_err", "device"}
+    keys = {"epoch", "seconds", "train_seconds", "lr", "train_loss", "val_loss", "val_err", "best_epoch",
+            "best_val_err", "test_loss", "test_err", "device"}
     assert all(set(row) == keys for row in rows)
     assert all(row["device"].startswith("cpu: ") for row in rows)
     assert rows[1]["lr"] == rows[0]["lr"] * (3e-7 / 0.003) ** (1 / 2)
@@ -84,7 +84,8 @@ def test_sigkill_then_resume_ends_with_the_same_numbers(tmp_path, mnist_dir):
     again with --resume: the same final metrics and parameters as an uninterrupted run."""
     common = ["--epochs", 4, "--hidden-units", 32, "--limit", 1000, "--checkpoint-every", 0, "--data-dir", mnist_dir]
     full = tmp_path / "full"
-    assert run_script(*common, "--metrics", full.with_suffix(".jsonl"), "--save-path", full.with_suffix(".npz")).returncode == 0
+    r = run_script(*common, "--metrics", full.with_suffix(".jsonl"), "--save-path", full.with_suffix(".npz"))
+    assert r.returncode == 0, r.stderr
     cut = tmp_path / "cut"
     args = [*common, "--metrics", cut.with_suffix(".jsonl"), "--save-path", cut.with_suffix(".npz")]
     proc = subprocess.Popen([sys.executable, str(ROOT / "mnist.py"), "--no-progress", *map(str, args)],
@@ -120,6 +121,7 @@ def test_synthetic_data_has_the_real_split_sizes(tmp_path):
         "train": ((6, 3, 2, 2), (6,)), "valid": ((5, 3, 2, 2), (5,)), "test": ((3, 3, 2, 2), (3,))}
     assert all(X.dtype == torch.uint8 and y.dtype == torch.int64 and 0 <= y.min() and y.max() < 10
                for X, y in data.values())
-    r = run_script("--synthetic", "--epochs", 1, "--hidden-units", 16, "--limit", 200, "--save-path", tmp_path / "p.npz")
+    r = run_script("--synthetic", "--epochs", 1, "--hidden-units", 16, "--limit", 200,
+                   "--save-path", tmp_path / "p.npz")
     assert r.returncode == 0, r.stderr
     assert "splits: train 200, valid 200, test 200" in r.stdout
