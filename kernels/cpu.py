@@ -1,12 +1,26 @@
-"""Build, cache and call the C kernels of kernels/xnor_cpu.c.
+"""Build, cache, choose and call the C kernels of kernels/xnor_cpu.c.
 
 Like the reference implementation, which compiled its kernel at run time, the
-C source is compiled at first use on the user's own machine, with
--march=native so that the fastest popcount of that CPU is used.  The shared
-library is cached in ~/.cache/binarynet (or $BINARYNET_CACHE) under a name
-keyed by a hash of the source, the compiler command and the CPU, so an edit
-of the source or a move to another machine rebuilds it.  It is written to a
-temporary file and renamed, so concurrent first uses never load half a file.
+C source is compiled at first use on the user's own machine: its common part
+(the reference kernel, the dispatch, the thread pool) once with portable
+flags, and its kernels once per instruction set (on x86: scalar popcnt, AVX2
+and AVX-512 VPOPCNTDQ, each at a fixed -march level tuned for this CPU;
+elsewhere -march=native, or portable flags where that fails, said once),
+linked into one library.  The C side runs an object only on a CPU with every
+feature it was compiled for.  The library is cached in ~/.cache/binarynet (or
+$BINARYNET_CACHE) under a name keyed by a hash of the source, the compiler
+commands and the CPU, so an edit of the source or a move to another machine
+rebuilds it.  It is written to a temporary file and renamed, so concurrent
+first uses never load half a file.
+
+The kernel for each class of product (rows, words of K, bit planes or not:
+bnn_product_class) is chosen by timing the candidates this CPU runs on a
+slice of the first product of that class (a few ms), and the order found is
+cached beside the library, keyed the same way (xnor_cpu-<key>.choice.json),
+so it is measured again when the source or the CPU changes.
+BINARYNET_KERNEL=name forces a kernel (for tests and the benchmark; "default"
+takes xnor_cpu.c's default table); a kernel the CPU cannot run is an error,
+never a call.
 
 `library()` returns None, after a one-line warning, when no compiler is found
 or the build fails; callers then take the pure-PyTorch path.  Setting
@@ -15,18 +29,35 @@ BINARYNET_PURE_TORCH=1 forces that path (the tests use it).
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("xnor_cpu.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+COMMON_FLAGS = ["-O3", "-fPIC", "-pthread"]
+# The kernel objects on x86 (BNN_ISA: flags); each runs only where the CPU has
+# every feature of its level (the C side checks).
+X86_OBJECTS = {
+    "scalar": ["-march=x86-64-v2", "-mtune=native"],
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],
+    "avx512": ["-march=x86-64-v4", "-mavx512vpopcntdq", "-mtune=native"],
+}
+NATIVE_FLAGS = ["-march=native"]        # other machines: one object, for this CPU
+KERNEL_ENV = "BINARYNET_KERNEL"
+# Options of bnn_xnor_gemm_kernel (OPT_* in xnor_cpu.c).
+NO_WORK_BUFFERS, STREAM, NO_STREAM = 1, 2, 4
+# The slice of a product that the choice is timed on (rows of A, rows of B,
+# words of K at most), and the calls per candidate (the first one warms up).
+MEASURE_ROWS, MEASURE_COLS, MEASURE_WORDS, MEASURE_CALLS = 64, 512, 32, 3
 
 
 def cache_dir() -> Path:
@@ -35,8 +66,8 @@ def cache_dir() -> Path:
 
 
 def cpu_signature() -> str:
-    """The CPU's feature flags, so that a cached -march=native build never
-    runs on a CPU that lacks an instruction it uses (shared home folders)."""
+    """The CPU's feature flags, so that a cached build never runs on a CPU
+    that lacks an instruction it uses (shared home folders)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -46,42 +77,90 @@ def cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
+def object_commands(compiler: str, folder: Path) -> dict:
+    """The compile command of each kernel object, by instruction set."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        objects = X86_OBJECTS
+    else:
+        objects = {"scalar": NATIVE_FLAGS}
+    return {isa: [compiler, *COMMON_FLAGS, *flags, "-DBNN_PART_KERNELS", f"-DBNN_ISA={isa}",
+                  "-c", str(SOURCE), "-o", str(folder / f"{isa}.o")]
+            for isa, flags in objects.items()}
+
+
+def compile_objects(commands: dict) -> tuple:
+    """Run the compile commands at once; returns the objects built and the
+    error of each that failed."""
+    running = {isa: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for isa, c in commands.items()}
+    built, failed = [], {}
+    for isa, process in running.items():
+        _, err = process.communicate()
+        if process.returncode == 0:
+            built.append(commands[isa][-1])
+        else:
+            failed[isa] = (err or "").strip().splitlines()[:1]
+    return built, failed
+
+
 def build(compiler: str) -> Path:
-    """Compile xnor_cpu.c into the cache unless an identical build is there."""
-    command = [compiler, *FLAGS]
+    """Compile xnor_cpu.c into the cache unless an identical build is there:
+    the common part, the kernel objects, one library."""
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(" ".join(command).encode())
+    for command in object_commands(compiler, Path(".")).values():
+        key.update(" ".join(command[:-4]).encode())
+    key.update(" ".join([compiler, *COMMON_FLAGS]).encode())
     key.update(cpu_signature().encode())
     target = cache_dir() / f"xnor_cpu-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([*command, str(SOURCE), "-o", partial],
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+        folder = Path(folder)
+        common = [compiler, *COMMON_FLAGS, "-DBNN_PART_COMMON", "-c", str(SOURCE),
+                  "-o", str(folder / "common.o")]
+        commands = object_commands(compiler, folder)
+        built, failed = compile_objects({"common": common, **commands})
+        if "common" in failed:
+            raise subprocess.CalledProcessError(1, common, stderr="\n".join(failed["common"]))
+        if failed and list(commands) == ["scalar"]:     # not x86: -march=native failed
+            portable = commands["scalar"][:]
+            for flag in NATIVE_FLAGS:
+                portable.remove(flag)
+            more, failed = compile_objects({"scalar": portable})
+            built += more
+            if not failed:
+                warn(f"-march=native failed here; {SOURCE.name} built with portable flags")
+        for isa, error in failed.items():
+            warn(f"the {isa} kernels of {SOURCE.name} did not build ({' '.join(error)}); "
+                 "the library goes without them")
+        if len(built) < 2:
+            raise subprocess.CalledProcessError(1, commands, stderr="no kernel object built")
+        partial = folder / "partial.so"
+        subprocess.run([compiler, "-shared", "-pthread", *built, "-o", str(partial)],
                        check=True, capture_output=True, text=True)
         os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return target
 
 
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    ptr, n = ctypes.c_void_p, ctypes.c_long
-    lib.bnn_pack.argtypes = [ptr, ptr, n, n, ctypes.c_int]
-    lib.bnn_pack_planes.argtypes = [ptr, ptr, n, n, ctypes.c_int]
-    lib.bnn_xnor_gemm.argtypes = [ptr, ptr, n, n, n, n, ptr, ptr, ctypes.c_int]
-    lib.bnn_baseline_gemm.argtypes = [ptr, ptr, ptr, n, n, n, ctypes.c_int]
-    lib.bnn_use_work_buffers.argtypes = [ctypes.c_int]
-    lib.bnn_stream_outputs.argtypes = [ctypes.c_int]
-    lib.bnn_use_vertical.argtypes = [ctypes.c_int]
-    for f in (lib.bnn_pack, lib.bnn_pack_planes, lib.bnn_xnor_gemm, lib.bnn_baseline_gemm,
-              lib.bnn_use_work_buffers, lib.bnn_stream_outputs, lib.bnn_use_vertical):
+    ptr, n, i, s = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_char_p
+    lib.bnn_pack.argtypes = [ptr, ptr, n, n, i]
+    lib.bnn_pack_planes.argtypes = [ptr, ptr, n, n, i]
+    lib.bnn_xnor_gemm.argtypes = [ptr, ptr, n, n, n, n, ptr, ptr, i]
+    lib.bnn_xnor_gemm_kernel.argtypes = [i, i, ptr, ptr, n, n, n, n, ptr, ptr, i]
+    lib.bnn_baseline_gemm.argtypes = [ptr, ptr, ptr, n, n, n, i]
+    for f in (lib.bnn_pack, lib.bnn_pack_planes, lib.bnn_xnor_gemm, lib.bnn_baseline_gemm):
         f.restype = None
-    lib.bnn_popcount_kind.argtypes = []
-    lib.bnn_popcount_kind.restype = ctypes.c_char_p
+    for f in (lib.bnn_product_class, lib.bnn_default_kernel):
+        f.argtypes, f.restype = [n, n, n, n], i
+    for f in (lib.bnn_kernel_serves, lib.bnn_kernel_pays):
+        f.argtypes, f.restype = [i, n, n, n, n], i
+    lib.bnn_kernel_count.argtypes, lib.bnn_kernel_count.restype = [], i
+    lib.bnn_kernel_name.argtypes, lib.bnn_kernel_name.restype = [i], s
+    lib.bnn_kernel_runs.argtypes, lib.bnn_kernel_runs.restype = [i], i
+    lib.bnn_xnor_gemm_kernel.restype = i
+    lib.bnn_popcount_kind.argtypes, lib.bnn_popcount_kind.restype = [], s
     return lib
 
 
@@ -92,13 +171,20 @@ def _load():
         warn(f"no C compiler ({compiler}) found; using the slow pure-PyTorch XNOR path")
         return None
     try:
-        return declare(ctypes.CDLL(str(build(compiler))))
+        path = build(compiler)
+        lib = declare(ctypes.CDLL(str(path)))
     except subprocess.CalledProcessError as e:
         first = (e.stderr or "").strip().splitlines()[:1]
         warn(f"building {SOURCE.name} failed ({' '.join(first)}); using the pure-PyTorch path")
+        return None
     except OSError as e:
         warn(f"loading the {SOURCE.name} build failed ({e}); using the pure-PyTorch path")
-    return None
+        return None
+    if not lib.bnn_popcount_kind():
+        warn(f"no kernel of {SOURCE.name} runs on this CPU; using the pure-PyTorch path")
+        return None
+    lib.binarynet_choices = Choices(path.with_suffix(".choice.json"))
+    return lib
 
 
 def library():
@@ -132,20 +218,137 @@ def pack_planes(lib, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None) -> torch.Tensor:
+def kernel_names(lib) -> list:
+    """Every kernel of the library, runnable here or not, in xnor_cpu.c's order."""
+    return [lib.bnn_kernel_name(i).decode() for i in range(lib.bnn_kernel_count())]
+
+
+def runnable_kernels(lib) -> list:
+    """The kernels this CPU runs (the reference included)."""
+    return [name for i, name in enumerate(kernel_names(lib)) if lib.bnn_kernel_runs(i)]
+
+
+def kernel_index(lib, name: str) -> int:
+    """The index of a kernel by name; ValueError for an unknown one or one
+    this CPU cannot run."""
+    names = kernel_names(lib)
+    if name not in names:
+        raise ValueError(f"unknown kernel {name!r} (kernels: {', '.join(names)})")
+    if not lib.bnn_kernel_runs(names.index(name)):
+        raise ValueError(f"kernel {name!r} cannot run on this CPU "
+                         f"(it runs: {', '.join(runnable_kernels(lib))})")
+    return names.index(name)
+
+
+class Choices:
+    """The measured order of the kernels for each class of product, kept in
+    a JSON file beside the library (same key: rebuilt, re-measured)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        try:
+            self.order = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.order = {}
+
+    def save(self, product_class: str, order: list) -> None:
+        """Merge into the file (other processes may have measured other
+        classes), written to a temporary file and renamed."""
+        self.order[product_class] = order
+        try:
+            merged = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            merged = {}
+        merged.update(self.order)
+        fd, partial = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f, indent=0, sort_keys=True)
+        os.replace(partial, self.path)
+
+
+def measure_order(lib, a, b, k: int, planes: int) -> list:
+    """The kernels this CPU runs that serve the product (but the reference),
+    fastest first, timed on a slice of it: at most MEASURE_ROWS rows of A,
+    MEASURE_COLS rows of B (B's rows repeated if it has fewer: no padded
+    block favours a kernel) and MEASURE_WORDS words of K (more only where K
+    is past what the vertical kernels take, so that the slice stays in the
+    product's class of K).  Each candidate: MEASURE_CALLS calls on one
+    thread, the least CPU time of the calling thread of all but the first:
+    on a busy machine, the time another process holds the core does not
+    count (wall-clock times of 0.1 ms calls there were 2-16 ms, any order)."""
+    kw = a.shape[1]
+    words = kw if kw <= MEASURE_WORDS else MEASURE_WORDS if kw <= 256 else 257
+    m = max(1, min(a.shape[0], MEASURE_ROWS) // planes)
+    a = a[: m * planes, :words].contiguous()
+    b = b.repeat((MEASURE_COLS + b.shape[0] - 1) // b.shape[0], 1)[:MEASURE_COLS, :words].contiguous()
+    k = min(k, 64 * words)
+    out = torch.empty(m, MEASURE_COLS, dtype=torch.int32)
+    names = kernel_names(lib)
+    times = {}
+    for i, name in enumerate(names):
+        if name == "reference" or not lib.bnn_kernel_serves(i, m, MEASURE_COLS, k, planes):
+            continue
+        best = float("inf")
+        for call in range(MEASURE_CALLS):
+            start = time.thread_time()
+            lib.bnn_xnor_gemm_kernel(i, 0, a.data_ptr(), b.data_ptr(), m, MEASURE_COLS, k, planes,
+                                     None, out.data_ptr(), 1)
+            if call > 0:
+                best = min(best, time.thread_time() - start)
+        times[name] = best
+    return sorted(times, key=times.get)
+
+
+def chosen_kernel(lib, a, b, m: int, n: int, k: int, planes: int) -> int:
+    """The kernel for a product: BINARYNET_KERNEL's where it serves it, else
+    the fastest measured for its class that pays (a vertical kernel: B not
+    mostly padding), else the default table's."""
+    forced = os.environ.get(KERNEL_ENV, "")
+    if forced == "default":
+        return lib.bnn_default_kernel(m, n, k, planes)
+    if forced:
+        index = kernel_index(lib, forced)
+        if lib.bnn_kernel_serves(index, m, n, k, planes):
+            return index
+    choices = lib.binarynet_choices
+    product_class = str(lib.bnn_product_class(m, n, k, planes))
+    order = choices.order.get(product_class)
+    if order is None:
+        with choices.lock:
+            order = choices.order.get(product_class)
+            if order is None:
+                order = measure_order(lib, a, b, k, planes)
+                choices.save(product_class, order)
+    names = kernel_names(lib)
+    for name in order:
+        if name in names and lib.bnn_kernel_pays(names.index(name), m, n, k, planes):
+            return names.index(name)
+    return lib.bnn_default_kernel(m, n, k, planes)
+
+
+def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None, kernel=None,
+              options: int = 0) -> torch.Tensor:
     """a: (M planes) x KW words, b: N x KW words, threshold: N int32 or None,
     all contiguous.  Returns M x N int32 dot products, or with a threshold the
     M x ceil(N/64) packed activations (see bnn_xnor_gemm), in `out` if given
-    (contiguous, of that shape and dtype: the caller checks)."""
+    (contiguous, of that shape and dtype: the caller checks).
+    kernel: a kernel's name (ValueError where this CPU cannot run it or it
+    cannot take the product), else the chosen one (chosen_kernel);
+    options: NO_WORK_BUFFERS, STREAM, NO_STREAM (for the tests)."""
     if planes not in (1, 8):
         raise ValueError(f"planes must be 1 or 8, got {planes}")
     m, n = a.shape[0] // planes, b.shape[0]
     if out is None:
         cols, dtype = (n, torch.int32) if threshold is None else ((n + 63) // 64, torch.int64)
         out = torch.empty(m, cols, dtype=dtype)
-    lib.bnn_xnor_gemm(a.data_ptr(), b.data_ptr(), m, n, k, planes,
-                      None if threshold is None else threshold.data_ptr(),
-                      out.data_ptr(), threads())
+    if m == 0 or n == 0:
+        return out
+    index = chosen_kernel(lib, a, b, m, n, k, planes) if kernel is None else kernel_index(lib, kernel)
+    if lib.bnn_xnor_gemm_kernel(index, options, a.data_ptr(), b.data_ptr(), m, n, k, planes,
+                                None if threshold is None else threshold.data_ptr(),
+                                out.data_ptr(), threads()) != 0:
+        raise ValueError(f"kernel {kernel!r} cannot take rows of {(k + 63) // 64} words")
     return out
 
 

@@ -2,13 +2,11 @@
  * kernels/xnor_cpu.c -- the 1-bit run time of BinaryNet on the CPU
  * (Courbariaux et al. 2016, arXiv 1602.02830, section "Run-time").
  *
- * The kernels, each readable on its own:
- *
  *   bnn_pack          sign-and-pack float32 rows into 64-bit words
  *   bnn_pack_planes   pack the 8 bit planes of uint8 rows (first layer)
  *   bnn_xnor_gemm     C = A_b . B_b^T by XNOR and popcount on packed words,
  *                     optionally over bit planes and with the hidden layers'
- *                     threshold-and-pack epilogue
+ *                     threshold-and-pack epilogue ("fire")
  *   bnn_baseline_gemm the unoptimized float32 triple loop, for the paper's
  *                     comparison
  *
@@ -18,18 +16,39 @@
  *   A row of K values takes KW = ceil(K / 64) words; the unused high bits of
  *   the last word are 0 in every operand, so they never differ and never
  *   count: no restriction on K.
- *
  * XNOR dot product: bits that agree contribute +1, bits that differ -1, so
  *   a . b = K - 2 * popcount(a XOR b).
+ * Both GEMM operands are packed along K: A is M x KW, B is N x KW (B^T of the
+ * mathematical K x N matrix).  The result is int32, exact for any K < 2^31.
  *
- * Both GEMM operands are packed along K: A is M x KW, B is N x KW (that is,
- * B^T of the mathematical K x N matrix), so the inner loop streams two
- * contiguous rows.  The result is int32, exact for any K < 2^31.
+ * The file reads in this order:
+ *   1. bnn_reference_gemm, the plain loop nest: the definition, and what the
+ *      tests compare every variant with;
+ *   2. the kernel list, the classes of product and the default table (which
+ *      kernel serves which class), and the dispatch: bnn_xnor_gemm takes the
+ *      default, bnn_xnor_gemm_kernel the kernel it is given;
+ *   3. the thread pool and the float baseline;
+ *   4. the variants, each adding one thing to the one before:
+ *        scalar           4 x 4 register tiles of scalar popcounts, cache
+ *                         blocking, the epilogue (popcnt, or NEON cnt)
+ *        avx2             4 words per vector by a nibble lookup (vpshufb), B
+ *                         interleaved; Harley-Seal carry-save adders on long
+ *                         rows; bit planes as bytes (vpsadbw)
+ *        avx2-vertical    bit-sliced counters: 256 rows of B in the bits of a
+ *                         vector, one add per set bit of a row of A, no XOR
+ *        avx512           VPOPCNTDQ: 8 words per instruction, 4 x 2 tiles
+ *        avx512-vertical  the vertical kernel on 512 lanes, VPTERNLOG carry-
+ *                         save adders, VPOPCNTDQ row popcounts
  *
- * Compiled at first use by kernels/cpu.py with  gcc -O3 -march=native,
- * which picks the fastest popcount the CPU has (see "XNOR GEMM" below):
- * AVX-512 VPOPCNTDQ, else an AVX2 nibble lookup, else __builtin_popcountll
- * (the popcnt instruction on x86, NEON cnt on AArch64).
+ * Parts and builds.  The file has two parts: the common one (sections 1 - 3)
+ * and the kernels of one instruction set (section 4), named by BNN_ISA.
+ * kernels/cpu.py compiles the common part once with portable flags and the
+ * kernels once per instruction set the compiler knows (scalar, avx2, avx512
+ * on x86), and links them into one library; the common part calls an
+ * object's functions only where the CPU has every feature it was compiled
+ * for (__builtin_cpu_supports), so no instruction the CPU lacks ever runs.
+ * A plain build of the file (gcc -shared xnor_cpu.c) holds both parts, the
+ * kernels for the flags given.  Measured speeds: docs/cpu_kernels.md.
  */
 #include <stdint.h>
 #include <stddef.h>
@@ -43,30 +62,320 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__AVX2__) || (defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__))
+#if !defined(BNN_PART_COMMON) && !defined(BNN_PART_KERNELS)
+#define BNN_PART_COMMON 1
+#define BNN_PART_KERNELS 1
+#endif
+
+#if defined(BNN_PART_KERNELS) && (defined(__AVX2__) || defined(__AVX512F__))
 #include <immintrin.h>
 #endif
 
 typedef uint64_t word_t;
 
-/* The popcount this build uses, for the benchmark's header. */
-const char *bnn_popcount_kind(void)
+/* Shared by the two parts; hidden: not exported from the library. */
+typedef void (*task_fn)(const void *ctx, long task);
+__attribute__((visibility("hidden")))
+void run_parallel(task_fn fn, const void *ctx, long n_tasks, int n_threads);
+__attribute__((visibility("hidden"))) extern __thread int thread_slot;
+
+/* What a kernel object's gemm runs (its algo argument), and the options of
+ * a call (kernels/cpu.py mirrors them). */
+enum { ALGO_TILE = 0, ALGO_VERTICAL = 1 };
+enum { OPT_NO_WORK_BUFFERS = 1,     /* the paths taken without copies / scratch */
+       OPT_STREAM = 2,              /* every int32 output by non-temporal stores */
+       OPT_NO_STREAM = 4 };         /* none (default: outputs past the last-level cache) */
+#define VERT_MAX_WORDS 256          /* the vertical kernels' longest rows (L2, see there) */
+
+/* The CPU features a kernel object was compiled for: a constant (data, so
+ * reading it runs none of the object's code). */
+enum { NEED_POPCNT = 1 << 0, NEED_AVX = 1 << 1, NEED_AVX2 = 1 << 2, NEED_FMA = 1 << 3,
+       NEED_BMI = 1 << 4, NEED_BMI2 = 1 << 5, NEED_LZCNT = 1 << 6, NEED_MOVBE = 1 << 7,
+       NEED_F16C = 1 << 8, NEED_AVX512F = 1 << 9, NEED_AVX512BW = 1 << 10,
+       NEED_AVX512VL = 1 << 11, NEED_AVX512DQ = 1 << 12, NEED_AVX512CD = 1 << 13,
+       NEED_VPOPCNTDQ = 1 << 14 };
+
+typedef void gemm_fn(int algo, int options, const word_t *a, const word_t *b, long m, long n,
+                     long k, long planes, const int32_t *threshold, void *out, int n_threads);
+typedef void pack_fn(const float *x, word_t *out, long rows, long k, int n_threads);
+typedef void planes_fn(const uint8_t *x, word_t *out, long rows, long k, int n_threads);
+
+/* A kernel object's entry points; weak, so that an object not built (an
+ * instruction set the compiler or the machine lacks) reads as NULL. */
+#define KERNEL_OBJECT(isa)                                                   \
+    extern gemm_fn bnn_##isa##_gemm __attribute__((weak));                   \
+    extern pack_fn bnn_##isa##_pack __attribute__((weak));                   \
+    extern planes_fn bnn_##isa##_pack_planes __attribute__((weak));          \
+    extern const unsigned bnn_##isa##_needs __attribute__((weak));           \
+    extern const char bnn_##isa##_popcount[] __attribute__((weak));
+KERNEL_OBJECT(scalar)
+KERNEL_OBJECT(avx2)
+KERNEL_OBJECT(avx512)
+
+#if defined(BNN_PART_COMMON)
+/* ========================================================================
+ * 1. The reference kernel: every output by its definition, a word pair at
+ * a time.  Output row i is made of the `planes` rows of A planes i + p
+ * (planes = 8: the bit planes of the first layer's 8-bit input, weighted
+ * 2^p; planes = 1: the ordinary product), so
+ *     P = sum_p 2^p popcount(a_p XOR b_j),   dot = (2^planes - 1) K - 2 P.
+ * Without a threshold the dot products are stored (m x n int32); with one,
+ * bit j % 64 of word j / 64 of output row i is set where dot >= threshold[j]
+ * (m x ceil(n / 64) words): the next layer's packed input.
+ * ===================================================================== */
+typedef struct {
+    const word_t *a, *b;
+    long n, k, kw, planes;
+    const int32_t *threshold;
+    void *out;
+} reference_args;
+
+static void reference_row(const void *ctx, long i)
 {
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-    return "AVX-512 VPOPCNTDQ";
-#elif defined(__AVX2__)
-    return "AVX2 nibble lookup (vpshufb), bit-sliced counters for large products";
-#elif defined(__POPCNT__)
-    return "scalar popcnt (x86)";
-#elif defined(__ARM_NEON)
-    return "NEON cnt (via __builtin_popcountll)";
+    const reference_args *g = (const reference_args *)ctx;
+    int32_t base = (int32_t)(((1L << g->planes) - 1) * g->k);
+    for (long j = 0; j < g->n; j++) {
+        long pop = 0;
+        for (long p = 0; p < g->planes; p++)
+            for (long w = 0; w < g->kw; w++)
+                pop += (long)__builtin_popcountll(g->a[(i * g->planes + p) * g->kw + w] ^
+                                                  g->b[j * g->kw + w]) << p;
+        int32_t dot = base - 2 * (int32_t)pop;
+        if (g->threshold == NULL) {
+            ((int32_t *)g->out)[i * g->n + j] = dot;
+        } else {
+            word_t *row = (word_t *)g->out + i * ((g->n + 63) / 64);
+            word_t bit = (word_t)1 << (j % 64);
+            row[j / 64] = dot >= g->threshold[j] ? row[j / 64] | bit : row[j / 64] & ~bit;
+        }
+    }
+}
+
+static void reference_gemm(int algo, int options, const word_t *a, const word_t *b, long m, long n,
+                           long k, long planes, const int32_t *threshold, void *out, int n_threads)
+{
+    (void)algo;
+    (void)options;
+    reference_args g = {a, b, n, k, (k + 63) / 64, planes, threshold, out};
+    run_parallel(reference_row, &g, m, n_threads);
+}
+
+/* ========================================================================
+ * 2. The kernels, the classes of product and the default table.
+ *
+ * A kernel is an object's gemm with an algorithm; it runs where the CPU has
+ * every feature its object needs, and serves a product where it can take
+ * it (the vertical kernels: rows of at most VERT_MAX_WORDS words).
+ * ===================================================================== */
+typedef struct {
+    const char *name;
+    gemm_fn *gemm;              /* NULL: its object is not in this build */
+    const unsigned *needs;      /* NULL: nothing (the reference) */
+    int algo;
+    long lanes;                 /* vertical kernels: rows of B a block */
+} kernel_t;
+
+static const kernel_t kernels[] = {
+    {"reference", reference_gemm, NULL, ALGO_TILE, 0},
+    {"scalar", bnn_scalar_gemm, &bnn_scalar_needs, ALGO_TILE, 0},
+    {"avx2", bnn_avx2_gemm, &bnn_avx2_needs, ALGO_TILE, 0},
+    {"avx2-vertical", bnn_avx2_gemm, &bnn_avx2_needs, ALGO_VERTICAL, 256},
+    {"avx512", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_TILE, 0},
+    {"avx512-vertical", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_VERTICAL, 512},
+};
+#define N_KERNELS ((int)(sizeof kernels / sizeof kernels[0]))
+
+/* Classes of product: rows of A (output rows x planes) and words of K
+ * (bit planes or not makes a class of its own in the measured choice). */
+#define ROW_CLASSES 4
+#define WORD_CLASSES 4
+static const long row_edges[ROW_CLASSES - 1] = {16, 64, 256};
+static const long word_edges[WORD_CLASSES - 1] = {4, 32, VERT_MAX_WORDS + 1};
+
+/* The default table: for each class, the kernels in order of preference;
+ * the first that runs here and pays (see kernel_pays) serves it.
+ * kernels/cpu.py replaces it, class by class, by the order measured on the
+ * user's CPU at first use (docs/cpu_kernels.md has the measurements).
+ * Vertical kernels from 64 rows of A and 4 words: below, transposing B costs
+ * more than the kernel saves. */
+#define TILES "avx512 avx2 scalar"
+#define VERTICAL "avx512-vertical avx2-vertical " TILES
+static const char *const default_table[ROW_CLASSES][WORD_CLASSES] = {
+    /* K words:           1-3    4-31      32-256    257+ */
+    /* rows of A 1-15 */ {TILES, TILES,    TILES,    TILES},
+    /*        16-63   */ {TILES, TILES,    TILES,    TILES},
+    /*        64-255  */ {TILES, VERTICAL, VERTICAL, TILES},
+    /*        256+    */ {TILES, VERTICAL, VERTICAL, TILES},
+};
+
+static int bucket(long x, const long *edges, int n_edges)
+{
+    int c = 0;
+    while (c < n_edges && x >= edges[c])
+        c++;
+    return c;
+}
+
+/* The class of a product: 0 .. 2 * ROW_CLASSES * WORD_CLASSES - 1. */
+int bnn_product_class(long m, long n, long k, long planes)
+{
+    (void)n;
+    int rows = bucket(m * planes, row_edges, ROW_CLASSES - 1);
+    int words = bucket((k + 63) / 64, word_edges, WORD_CLASSES - 1);
+    return ((planes > 1) * ROW_CLASSES + rows) * WORD_CLASSES + words;
+}
+
+int bnn_kernel_count(void)
+{
+    return N_KERNELS;
+}
+
+const char *bnn_kernel_name(int kernel)
+{
+    return kernel >= 0 && kernel < N_KERNELS ? kernels[kernel].name : "";
+}
+
+int bnn_kernel_index(const char *name, size_t length)
+{
+    for (int i = 0; i < N_KERNELS; i++)
+        if (strlen(kernels[i].name) == length && strncmp(kernels[i].name, name, length) == 0)
+            return i;
+    return -1;
+}
+
+/* Whether the CPU has every feature in `needs` (x86; elsewhere an object
+ * is compiled for the machine that builds it, see kernels/cpu.py). */
+static int cpu_has(unsigned needs)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+#define HAS(flag, name) if ((needs & (flag)) && !__builtin_cpu_supports(name)) return 0;
+    HAS(NEED_POPCNT, "popcnt") HAS(NEED_AVX, "avx") HAS(NEED_AVX2, "avx2") HAS(NEED_FMA, "fma")
+    HAS(NEED_BMI, "bmi") HAS(NEED_BMI2, "bmi2") HAS(NEED_LZCNT, "lzcnt") HAS(NEED_MOVBE, "movbe")
+    HAS(NEED_F16C, "f16c") HAS(NEED_AVX512F, "avx512f") HAS(NEED_AVX512BW, "avx512bw")
+    HAS(NEED_AVX512VL, "avx512vl") HAS(NEED_AVX512DQ, "avx512dq") HAS(NEED_AVX512CD, "avx512cd")
+    HAS(NEED_VPOPCNTDQ, "avx512vpopcntdq")
+#undef HAS
+    return 1;
 #else
-    return "portable bit counting (no popcount instruction enabled)";
+    (void)needs;
+    return 1;
 #endif
 }
 
-/* ------------------------------------------------------------------------
- * Threads: a job is a list of independent tasks; every thread (the caller
+/* Whether a kernel is in this build and the CPU can run it. */
+int bnn_kernel_runs(int kernel)
+{
+    if (kernel < 0 || kernel >= N_KERNELS || kernels[kernel].gemm == NULL)
+        return 0;
+    return kernels[kernel].needs == NULL || cpu_has(*kernels[kernel].needs);
+}
+
+/* Whether it runs and can take the product. */
+int bnn_kernel_serves(int kernel, long m, long n, long k, long planes)
+{
+    (void)m;
+    (void)n;
+    (void)planes;
+    return bnn_kernel_runs(kernel) &&
+           (kernels[kernel].algo != ALGO_VERTICAL || (k + 63) / 64 <= VERT_MAX_WORDS);
+}
+
+/* Whether it serves the product without wasting much: a vertical kernel's
+ * last block of B at most 1/4 padding. */
+int bnn_kernel_pays(int kernel, long m, long n, long k, long planes)
+{
+    long lanes = kernels[kernel >= 0 && kernel < N_KERNELS ? kernel : 0].lanes;
+    if (!bnn_kernel_serves(kernel, m, n, k, planes))
+        return 0;
+    return lanes == 0 || 4 * ((n + lanes - 1) / lanes * lanes - n) <= (n + lanes - 1) / lanes * lanes;
+}
+
+/* The first kernel of a space-separated list that pays, or -1. */
+int bnn_first_paying(const char *list, long m, long n, long k, long planes)
+{
+    while (*list != '\0') {
+        size_t length = strcspn(list, " ");
+        int kernel = bnn_kernel_index(list, length);
+        if (kernel >= 0 && bnn_kernel_pays(kernel, m, n, k, planes))
+            return kernel;
+        list += length;
+        list += strspn(list, " ");
+    }
+    return -1;
+}
+
+/* The default table's kernel for a product (the reference where no
+ * object runs). */
+int bnn_default_kernel(long m, long n, long k, long planes)
+{
+    int c = bnn_product_class(m, n, k, planes) % (ROW_CLASSES * WORD_CLASSES);
+    int kernel = bnn_first_paying(default_table[c / WORD_CLASSES][c % WORD_CLASSES], m, n, k, planes);
+    return kernel >= 0 ? kernel : 0;
+}
+
+/*
+ * a: (m * planes) x kw words, b: n x kw words, both packed along K.
+ * threshold == NULL: out is m x n int32 dot products;
+ * otherwise out is m x ceil(n / 64) words of packed activations.
+ * planes is 1 or 8 (checked by the caller).  Returns 0, or -1 (nothing
+ * done) where the kernel does not serve the product.
+ */
+int bnn_xnor_gemm_kernel(int kernel, int options, const word_t *a, const word_t *b, long m, long n,
+                         long k, long planes, const int32_t *threshold, void *out, int n_threads)
+{
+    if (!bnn_kernel_serves(kernel, m, n, k, planes))
+        return -1;
+    if (m > 0 && n > 0)
+        kernels[kernel].gemm(kernels[kernel].algo, options, a, b, m, n, k, planes, threshold, out,
+                             n_threads);
+    return 0;
+}
+
+void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
+                   long planes, const int32_t *threshold, void *out, int n_threads)
+{
+    bnn_xnor_gemm_kernel(bnn_default_kernel(m, n, k, planes), 0, a, b, m, n, k, planes, threshold,
+                         out, n_threads);
+}
+
+/* The packing of the best object that runs here (NULL: none, which
+ * kernels/cpu.py checks before any call). */
+static int best_object(void)
+{
+    if (bnn_avx512_pack != NULL && cpu_has(bnn_avx512_needs))
+        return 2;
+    if (bnn_avx2_pack != NULL && cpu_has(bnn_avx2_needs))
+        return 1;
+    if (bnn_scalar_pack != NULL && cpu_has(bnn_scalar_needs))
+        return 0;
+    return -1;
+}
+
+void bnn_pack(const float *x, word_t *out, long rows, long k, int n_threads)
+{
+    pack_fn *const pack[3] = {bnn_scalar_pack, bnn_avx2_pack, bnn_avx512_pack};
+    pack[best_object()](x, out, rows, k, n_threads);
+}
+
+void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_threads)
+{
+    planes_fn *const pack[3] = {bnn_scalar_pack_planes, bnn_avx2_pack_planes,
+                                bnn_avx512_pack_planes};
+    pack[best_object()](x, out, rows, k, n_threads);
+}
+
+/* The popcount of the best object that runs here, for the benchmark's
+ * header; "" where none does. */
+const char *bnn_popcount_kind(void)
+{
+    const char *const kind[3] = {bnn_scalar_popcount, bnn_avx2_popcount, bnn_avx512_popcount};
+    int best = best_object();
+    return best < 0 ? "" : kind[best];
+}
+
+/* ========================================================================
+ * 3. Threads: a job is a list of independent tasks; every thread (the caller
  * included) takes the next task from a shared atomic counter until none is
  * left.  Plain pthreads keep this library free of a second OpenMP runtime
  * next to PyTorch's.
@@ -86,8 +395,6 @@ const char *bnn_popcount_kind(void)
  * ------------------------------------------------------------------------ */
 #define MAX_THREADS 256
 #define SPIN_NS 2000000L        /* 2 ms */
-
-typedef void (*task_fn)(const void *ctx, long task);
 
 typedef struct {
     task_fn fn;
@@ -137,7 +444,7 @@ typedef struct {
 /* The calling thread's slot in a job's per-thread scratch: pool thread i
  * has i + 1, any other thread 0 (calls take turns, so one caller at a
  * time). */
-static __thread int thread_slot;
+__thread int thread_slot;
 
 static void *pool_thread(void *arg)
 {
@@ -200,7 +507,7 @@ static void pool_grow(int n)
     }
 }
 
-static void run_parallel(task_fn fn, const void *ctx, long n_tasks, int n_threads)
+void run_parallel(task_fn fn, const void *ctx, long n_tasks, int n_threads)
 {
     job_t job = {fn, ctx, n_tasks, 0};
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
@@ -227,6 +534,122 @@ static void run_parallel(task_fn fn, const void *ctx, long n_tasks, int n_thread
     }
     pthread_mutex_unlock(&call_lock);
 }
+
+/* ------------------------------------------------------------------------
+ * Baseline: the textbook float32 GEMM, C = A . B with A m x k and B k x n
+ * row-major, one dot product per output through a strided column of B.
+ * No tiling, no blocking: the "unoptimized" kernel the paper compares
+ * against.  Rows of C are shared among the threads so that it runs on the
+ * same cores as the other two kernels.
+ * ------------------------------------------------------------------------ */
+typedef struct {
+    const float *a, *b;
+    float *c;
+    long m, n, k;
+} baseline_args;
+
+static void baseline_task(const void *ctx, long i)
+{
+    const baseline_args *g = (const baseline_args *)ctx;
+    for (long j = 0; j < g->n; j++) {
+        float s = 0.0f;
+        for (long p = 0; p < g->k; p++)
+            s += g->a[i * g->k + p] * g->b[p * g->n + j];
+        g->c[i * g->n + j] = s;
+    }
+}
+
+void bnn_baseline_gemm(const float *a, const float *b, float *c,
+                       long m, long n, long k, int n_threads)
+{
+    baseline_args g = {a, b, c, m, n, k};
+    run_parallel(baseline_task, &g, m, n_threads);
+}
+#endif  /* BNN_PART_COMMON */
+
+#if defined(BNN_PART_KERNELS)
+/* ========================================================================
+ * 4. The variants of one instruction set: BNN_ISA (kernels/cpu.py sets
+ * it; a plain build takes the best its flags allow).  Exported as
+ * bnn_<isa>_gemm, bnn_<isa>_pack, bnn_<isa>_pack_planes, with the CPU
+ * features the object needs (bnn_<isa>_needs) and its popcount's name.
+ * ===================================================================== */
+#if !defined(BNN_ISA)
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#define BNN_ISA avx512
+#elif defined(__AVX2__)
+#define BNN_ISA avx2
+#else
+#define BNN_ISA scalar
+#endif
+#endif
+#define GLUE(a, b, c) a##b##c
+#define EXPAND_GLUE(a, b, c) GLUE(a, b, c)
+#define ISA_FN(name) EXPAND_GLUE(bnn_, BNN_ISA, _##name)
+
+const unsigned ISA_FN(needs) = 0
+#if defined(__POPCNT__)
+    | NEED_POPCNT
+#endif
+#if defined(__AVX__)
+    | NEED_AVX
+#endif
+#if defined(__AVX2__)
+    | NEED_AVX2
+#endif
+#if defined(__FMA__)
+    | NEED_FMA
+#endif
+#if defined(__BMI__)
+    | NEED_BMI
+#endif
+#if defined(__BMI2__)
+    | NEED_BMI2
+#endif
+#if defined(__LZCNT__)
+    | NEED_LZCNT
+#endif
+#if defined(__MOVBE__)
+    | NEED_MOVBE
+#endif
+#if defined(__F16C__)
+    | NEED_F16C
+#endif
+#if defined(__AVX512F__)
+    | NEED_AVX512F
+#endif
+#if defined(__AVX512BW__)
+    | NEED_AVX512BW
+#endif
+#if defined(__AVX512VL__)
+    | NEED_AVX512VL
+#endif
+#if defined(__AVX512DQ__)
+    | NEED_AVX512DQ
+#endif
+#if defined(__AVX512CD__)
+    | NEED_AVX512CD
+#endif
+#if defined(__AVX512VPOPCNTDQ__)
+    | NEED_VPOPCNTDQ
+#endif
+    ;
+
+const char ISA_FN(popcount)[] =
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+    "AVX-512 VPOPCNTDQ"
+#elif defined(__AVX2__)
+    "AVX2 nibble lookup (vpshufb), bit-sliced counters for large products"
+#elif defined(__POPCNT__)
+    "scalar popcnt (x86)"
+#elif defined(__ARM_NEON)
+    "NEON cnt (via __builtin_popcountll)"
+#else
+    "portable bit counting (no popcount instruction enabled)"
+#endif
+    ;
+
+
 
 /* ------------------------------------------------------------------------
  * Packing.  One task packs a block of rows.  With AVX2 a compare and a
@@ -274,7 +697,7 @@ static void pack_task(const void *ctx, long task)
 }
 
 /* x: rows x k float32, row-major; out: rows x ceil(k / 64) words. */
-void bnn_pack(const float *x, word_t *out, long rows, long k, int n_threads)
+void ISA_FN(pack)(const float *x, word_t *out, long rows, long k, int n_threads)
 {
     pack_args p = {x, out, rows, k, (k + 63) / 64};
     long n_tasks = (rows + PACK_ROWS_PER_TASK - 1) / PACK_ROWS_PER_TASK;
@@ -331,7 +754,7 @@ static void planes_task(const void *ctx, long task)
 }
 
 /* x: rows x k uint8; out: 8 rows x ceil(k / 64) words per row of x. */
-void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_threads)
+void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n_threads)
 {
     planes_args p = {x, out, rows, k, (k + 63) / 64};
     long n_tasks = (rows + PACK_ROWS_PER_TASK - 1) / PACK_ROWS_PER_TASK;
@@ -455,6 +878,9 @@ void bnn_pack_planes(const uint8_t *x, word_t *out, long rows, long k, int n_thr
 #define MR 4
 #define NR 4
 #endif
+#if defined(__AVX2__)
+#define VERTICAL_KERNEL 1       /* 256 lanes with AVX2, 512 with AVX-512 */
+#endif
 #define MB 32
 #define NB 128
 #define KC 124                /* words: at most BYTE_STEPS groups of 4 (Harley-Seal kernel) */
@@ -484,6 +910,20 @@ static inline long popcount_word(word_t x)
     return __builtin_popcountll(x);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+/* A row's popcount, 8 words per VPOPCNTDQ, the tail by a masked load. */
+static inline long popcount_row(const word_t *x, long n)
+{
+    __m512i sum = _mm512_setzero_si512();
+    long k = 0;
+    for (; k + 8 <= n; k += 8)
+        sum = _mm512_add_epi64(sum, _mm512_popcnt_epi64(_mm512_loadu_si512(x + k)));
+    if (k < n)
+        sum = _mm512_add_epi64(sum, _mm512_popcnt_epi64(
+                                        _mm512_maskz_loadu_epi64((__mmask8)((1u << (n - k)) - 1), x + k)));
+    return _mm512_reduce_add_epi64(sum);
+}
+#else
 static inline long popcount_row(const word_t *x, long n)
 {
     long sum[4] = {0, 0, 0, 0}, k = 0;     /* 4 sums: not one add a clock */
@@ -494,6 +934,7 @@ static inline long popcount_row(const word_t *x, long n)
         sum[0] += popcount_word(x[k]);
     return sum[0] + sum[1] + sum[2] + sum[3];
 }
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 /* One dot product on 8 words per instruction; the tail uses a masked load. */
@@ -528,6 +969,26 @@ static inline void store_tile(int32_t *c, long ldc, int i, int j, long sum, int 
 {
     c[i * ldc + j] = (int32_t)(first ? sum : c[i * ldc + j] + sum);
 }
+
+#if defined(__AVX2__)
+static inline __m256i load_4_words(const word_t *p)
+{
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+/* The 4 x 4 matrix of 64-bit words in r[0 .. 3] transposed (word j of r[i]
+ * to word i of out[j]), by unpacks and 128-bit lane permutes. */
+static inline void transpose_4x4_words(const __m256i r[4], __m256i out[4])
+{
+    __m256i even01 = _mm256_unpacklo_epi64(r[0], r[1]), odd01 = _mm256_unpackhi_epi64(r[0], r[1]);
+    __m256i even23 = _mm256_unpacklo_epi64(r[2], r[3]), odd23 = _mm256_unpackhi_epi64(r[2], r[3]);
+    out[0] = _mm256_permute2x128_si256(even01, even23, 0x20);
+    out[1] = _mm256_permute2x128_si256(odd01, odd23, 0x20);
+    out[2] = _mm256_permute2x128_si256(even01, even23, 0x31);
+    out[3] = _mm256_permute2x128_si256(odd01, odd23, 0x31);
+}
+
+#endif
 
 /* MR x NR popcount sums over n words: the register-tiled micro-kernel.
  * Kept out of line so that its registers are not shared with the loops of
@@ -566,23 +1027,6 @@ static void micro_kernel(const word_t *a, const word_t *b, long ld, long n,
 }
 
 #elif defined(__AVX2__)
-
-static inline __m256i load_4_words(const word_t *p)
-{
-    return _mm256_loadu_si256((const __m256i *)p);
-}
-
-/* The 4 x 4 matrix of 64-bit words in r[0 .. 3] transposed (word j of r[i]
- * to word i of out[j]), by unpacks and 128-bit lane permutes. */
-static inline void transpose_4x4_words(const __m256i r[4], __m256i out[4])
-{
-    __m256i even01 = _mm256_unpacklo_epi64(r[0], r[1]), odd01 = _mm256_unpackhi_epi64(r[0], r[1]);
-    __m256i even23 = _mm256_unpacklo_epi64(r[2], r[3]), odd23 = _mm256_unpackhi_epi64(r[2], r[3]);
-    out[0] = _mm256_permute2x128_si256(even01, even23, 0x20);
-    out[1] = _mm256_permute2x128_si256(odd01, odd23, 0x20);
-    out[2] = _mm256_permute2x128_si256(even01, even23, 0x31);
-    out[3] = _mm256_permute2x128_si256(odd01, odd23, 0x31);
-}
 
 /* Bits set in each value 0 .. 15, in both 128-bit halves (vpshufb looks
  * up within each half). */
@@ -1180,7 +1624,7 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
 }
 #endif
 
-#if defined(INTERLEAVED_B) || defined(BYTE_PLANES)
+#if defined(INTERLEAVED_B) || defined(BYTE_PLANES) || defined(VERTICAL_KERNEL)
 /* How many blocks of A a task takes against its panel of B, where a run
  * of blocks pays (the tile kernel's panel copy, the bit planes' reuse of
  * pixel rows): enough to leave about 8 tasks a thread, at most `most`.
@@ -1208,7 +1652,7 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
 }
 #endif
 
-#if defined(INTERLEAVED_B)
+#if defined(VERTICAL_KERNEL)
 /* ---- The vertical (bit-sliced) kernel, for rows of VERT_MIN_WORDS words
  * or more: 256 outputs at once, one per bit of a vector, and no XOR.
  *
@@ -1242,44 +1686,55 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
  * Tried and dropped: groups of 32 steps (a running sixteens, half the
  * ripple; level in the whole GEMM); each bit plane counted into its own
  * short counter and added by a ripple-carry adder (within the noise). */
-#define VERT_LANES 256
 #define VERT_PLANES 24              /* counts <= 255 * 64 VERT_MAX_WORDS / 2 < 2^22, with room
                                        for the 4 running planes above the last bit plane */
-#define VERT_MAX_WORDS 256          /* a block of B transposed (K x 32 bytes) within L2 */
-/* Where the vertical kernel is the faster (Zen 3, A/B against the tile and
- * Harley-Seal kernels in turn, 2 threads, since its counts go straight
- * into the output and B is transposed by 64 x 64 bit blocks): 1.20-1.35x
- * at 64 and 128 x 784 x 4096, 1.32x at 100 x 784 x 4096, 1.14-1.19x at
- * 100 x 4096 x 4096, 1.31-1.37x at 200 x 256 x 4096, 1.25-1.36x at 10000
- * x 784 x 4096; level at 32 x 784 x 4096 and 64 x 4096 x 4096, 0.67-0.92x
- * below 32 rows, where transposing B costs more than it saves; 0.91-0.93x
- * at 300 x 784 x 300, whose second block of 256 rows of B is mostly
- * padding.  Below 4 words, its minimum times lost (0.70-0.91x at 2000 x
- * 64 .. 192 x 2000) while its medians won. */
-#define VERT_MIN_WORDS 4
-#define VERT_MIN_ROWS 64
-static int vertical_pays(long m, long n, long kw)
+/* The vector of counters: 256 lanes (avx2-vertical) or, with AVX-512,
+ * 512 (avx512-vertical), whose carry-save adders are one VPTERNLOG each
+ * for the sum (a ^ b ^ c, table 0x96) and the carry (the majority, 0xe8)
+ * instead of 5 ops.  A block of B transposed holds VEC_BYTES bytes per bit
+ * k; with 512 lanes, two blocks of 256 rows side by side, so the transpose,
+ * the count and the results work on 256-lane halves. */
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+typedef __m512i vvec;
+#define VERT_LANES 512
+#define vzero() _mm512_setzero_si512()
+#define vload(p) _mm512_load_si512((const void *)(p))
+#define vand _mm512_and_si512
+#define vxor _mm512_xor_si512
+static inline __attribute__((always_inline))
+void vcsa(vvec *high, vvec *low, vvec a, vvec b, vvec c)
 {
-    long lanes = (n + VERT_LANES - 1) / VERT_LANES * VERT_LANES;
-    return kw >= VERT_MIN_WORDS && m >= VERT_MIN_ROWS && 4 * (lanes - n) <= lanes;
+    *high = _mm512_ternarylogic_epi64(a, b, c, 0xe8);
+    *low = _mm512_ternarylogic_epi64(a, b, c, 0x96);
 }
-_Static_assert(VERT_LANES == 2 * NB, "a block of B is two panels of the epilogue");
+#else
+typedef __m256i vvec;
+#define VERT_LANES 256
+#define vzero() _mm256_setzero_si256()
+#define vload(p) _mm256_load_si256((const __m256i *)(p))
+#define vand _mm256_and_si256
+#define vxor _mm256_xor_si256
+#define vcsa csa
+#endif
+#define VEC_BYTES (VERT_LANES / 8)
+#define HALVES (VERT_LANES / 256)
+#define PANELS (VERT_LANES / NB)    /* of the epilogue, a block of B */
+_Static_assert(VERT_LANES % NB == 0 && 256 % NB == 0, "a block of B is whole panels of the epilogue");
 
 /* 8 steps (byte offsets into the block bt) folded into the running ones,
  * twos and fours by 7 CSAs; returns their carry, of weight 8. */
 static inline __attribute__((always_inline))
-__m256i fold_8_steps(const uint8_t *bt, const uint32_t *steps,
-                     __m256i *ones, __m256i *twos, __m256i *fours)
+vvec fold_8_steps(const uint8_t *bt, const uint32_t *steps, vvec *ones, vvec *twos, vvec *fours)
 {
-#define STEP(i) _mm256_load_si256((const __m256i *)(bt + steps[i]))
-    __m256i ta, tb, fa, fb, eights;
-    csa(&ta, ones, *ones, STEP(0), STEP(1));
-    csa(&tb, ones, *ones, STEP(2), STEP(3));
-    csa(&fa, twos, *twos, ta, tb);
-    csa(&ta, ones, *ones, STEP(4), STEP(5));
-    csa(&tb, ones, *ones, STEP(6), STEP(7));
-    csa(&fb, twos, *twos, ta, tb);
-    csa(&eights, fours, *fours, fa, fb);
+#define STEP(i) vload(bt + steps[i])
+    vvec ta, tb, fa, fb, eights;
+    vcsa(&ta, ones, *ones, STEP(0), STEP(1));
+    vcsa(&tb, ones, *ones, STEP(2), STEP(3));
+    vcsa(&fa, twos, *twos, ta, tb);
+    vcsa(&ta, ones, *ones, STEP(4), STEP(5));
+    vcsa(&tb, ones, *ones, STEP(6), STEP(7));
+    vcsa(&fb, twos, *twos, ta, tb);
+    vcsa(&eights, fours, *fours, fa, fb);
 #undef STEP
     return eights;
 }
@@ -1289,17 +1744,17 @@ __m256i fold_8_steps(const uint8_t *bt, const uint32_t *steps,
  * largest count they can reach, so the ripple stops there. */
 __attribute__((noinline))
 static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
-                       __m256i *planes, int top)
+                       vvec *planes, int top)
 {
-    __m256i ones = planes[0], twos = planes[1], fours = planes[2], eights = planes[3];
+    vvec ones = planes[0], twos = planes[1], fours = planes[2], eights = planes[3];
     for (long g = 0; g < groups; g++, steps += 16) {
-        __m256i ea = fold_8_steps(bt, steps, &ones, &twos, &fours);
-        __m256i eb = fold_8_steps(bt, steps + 8, &ones, &twos, &fours);
-        __m256i sixteens;
-        csa(&sixteens, &eights, eights, ea, eb);
+        vvec ea = fold_8_steps(bt, steps, &ones, &twos, &fours);
+        vvec eb = fold_8_steps(bt, steps + 8, &ones, &twos, &fours);
+        vvec sixteens;
+        vcsa(&sixteens, &eights, eights, ea, eb);
         for (int p = 4; p < top; p++) {
-            __m256i carry = _mm256_and_si256(planes[p], sixteens);
-            planes[p] = _mm256_xor_si256(planes[p], sixteens);
+            vvec carry = vand(planes[p], sixteens);
+            planes[p] = vxor(planes[p], sixteens);
             sixteens = carry;
         }
     }
@@ -1407,7 +1862,7 @@ static void init_bit_offsets(void)
     for (int v = 0; v < 256; v++)
         for (int t = 0, n = 0; t < 8; t++)
             if (v >> t & 1)
-                bit_offsets[v][n++] = 32 * t;
+                bit_offsets[v][n++] = VEC_BYTES * t;
 }
 
 /* Row a's steps (see above) into steps[], padded to a multiple of 16 with
@@ -1427,7 +1882,7 @@ static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
         for (int q = 0; q < 8; q++) {
             unsigned v = (unsigned)(x >> (8 * q)) & 0xff;
             __m256i offsets = _mm256_add_epi32(_mm256_load_si256((const __m256i *)bit_offsets[v]),
-                                               _mm256_set1_epi32((int)(32 * (64 * w + 8 * q))));
+                                               _mm256_set1_epi32((int)(VEC_BYTES * (64 * w + 8 * q))));
             _mm256_storeu_si256((__m256i *)(steps + n), offsets);
             n += __builtin_popcount(v);
         }
@@ -1515,10 +1970,10 @@ static void transpose_block(const word_t *b, long rows, long kw, uint8_t *bt)
             __m256i q[4] = {buffer[0][k], buffer[1][k], buffer[2][k], buffer[3][k]}, v[4];
             transpose_4x4_words(q, v);
             for (long l = 0; l < words; l++)
-                _mm256_store_si256((__m256i *)(bt + (64 * (w + l) + k) * 32), v[l]);
+                _mm256_store_si256((__m256i *)(bt + (64 * (w + l) + k) * VEC_BYTES), v[l]);
         }
     }
-    memset(bt + 64 * kw * 32, 0, 32);
+    memset(bt + 64 * kw * VEC_BYTES, 0, 32);
 }
 
 static void transpose_task(const void *ctx, long block)
@@ -1526,7 +1981,9 @@ static void transpose_task(const void *ctx, long block)
     const gemm_args *g = (const gemm_args *)ctx;
     long kw = g->kw, j0 = block * VERT_LANES, rows = g->n - j0;
     int32_t *pop_b = (int32_t *)g->pop_b + j0;
-    transpose_block(g->b + j0 * kw, rows, kw, (uint8_t *)g->bt + block * g->bt_block_bytes);
+    for (long h = 0; h < HALVES; h++)       /* 256 rows each, side by side */
+        transpose_block(rows > 256 * h ? g->b + (j0 + 256 * h) * kw : g->b, rows - 256 * h, kw,
+                        (uint8_t *)g->bt + block * g->bt_block_bytes + 32 * h);
     for (long t = 0; t < VERT_LANES; t++)   /* after: the rows are in the cache */
         pop_b[t] = t < rows ? (int32_t)popcount_row(g->b + (j0 + t) * kw, kw) : 0;
 }
@@ -1593,9 +2050,9 @@ static void vert_task(const void *ctx, long task)
     long kw = g->kw, planes = g->planes, stride = 32 * kw + 24;
     long m0 = task * g->m_run, m1 = m0 + g->m_run < g->m / planes ? m0 + g->m_run : g->m / planes;
     char *scratch = g->scratch + (size_t)thread_slot * g->scratch_bytes;
-    int32_t *pop = (int32_t *)scratch;                      /* 2 panels, MB x NB each */
-    uint32_t *steps = (uint32_t *)(pop + 2 * MB * NB);      /* rows x planes x stride */
-    uint32_t zero_offset = (uint32_t)(64 * kw * 32);
+    int32_t *pop = (int32_t *)scratch;                      /* PANELS panels, MB x NB each */
+    uint32_t *steps = (uint32_t *)(pop + PANELS * MB * NB); /* rows x planes x stride */
+    uint32_t zero_offset = (uint32_t)(64 * kw * VEC_BYTES);
     vert_row rows[MB];
     for (long i = m0; i < m1; i++) {
         vert_row *r = &rows[i - m0];
@@ -1617,24 +2074,37 @@ static void vert_task(const void *ctx, long task)
         int direct = g->threshold == NULL && !g->stream && lanes == VERT_LANES;
         for (long i = m0; i < m1; i++) {
             const vert_row *r = &rows[i - m0];
-            __m256i sums[2][VERT_PLANES];                   /* plus, minus */
+            vvec sums[2][VERT_PLANES];                      /* plus, minus */
             for (int c = 0; c < 2; c++) {   /* the planes vert_steps and count_bytes read */
                 long used = bit_length(r->total[c]) + planes + 3;
                 for (long p = 0; p < used && p < VERT_PLANES; p++)
-                    sums[c][p] = _mm256_setzero_si256();
+                    sums[c][p] = vzero();
             }
-            int32_t *out = direct ? (int32_t *)g->out + i * g->n + j0 : pop + (i - m0) * NB;
             for (long p = 0; p < planes; p++) {
                 int c = r->complement[p];
                 vert_steps(bt, steps + ((i - m0) * planes + p) * stride, (r->n[p] + 15) / 16,
                            sums[c] + p, bit_length(r->total[c]) - (int)p);
             }
-            vert_results(sums, r, g->pop_b + j0, direct, dot_base(g), out,
-                         direct ? out + NB : out + MB * NB);
+            for (int h = 0; h < HALVES; h++) {              /* 256 lanes at a time */
+                int32_t *out = direct ? (int32_t *)g->out + i * g->n + j0 + 256 * h
+                                      : pop + 2 * h * MB * NB + (i - m0) * NB;
+#if HALVES == 1
+                vert_results(sums, r, g->pop_b + j0, direct, dot_base(g), out,
+                             direct ? out + NB : out + MB * NB);
+#else
+                __m256i half[2][VERT_PLANES];
+                for (int c = 0; c < 2; c++)
+                    for (int p = 0; p < bit_length(r->total[c]); p++)
+                        half[c][p] = h == 0 ? _mm512_castsi512_si256(sums[c][p])
+                                            : _mm512_extracti64x4_epi64(sums[c][p], 1);
+                vert_results(half, r, g->pop_b + j0 + 256 * h, direct, dot_base(g), out,
+                             direct ? out + NB : out + MB * NB);
+#endif
+            }
         }
-        for (long half = 0; !direct && half * NB < lanes; half++) {
-            long n0 = j0 + half * NB, n1 = j0 + lanes < n0 + NB ? j0 + lanes : n0 + NB;
-            epilogue(g, pop + half * MB * NB, m0, m1, n0, n1);
+        for (long panel = 0; !direct && panel * NB < lanes; panel++) {
+            long n0 = j0 + panel * NB, n1 = j0 + lanes < n0 + NB ? j0 + lanes : n0 + NB;
+            epilogue(g, pop + panel * MB * NB, m0, m1, n0, n1);
         }
     }
     if (g->stream)
@@ -1650,8 +2120,8 @@ static char *make_vertical(gemm_args *g, int n_threads)
     long blocks = (g->n + VERT_LANES - 1) / VERT_LANES;
     int slots = n_threads > 1 ? n_threads : 1;
     g->m_run = blocks_per_task(g->m / g->planes, 1, n_threads, MB);    /* output rows */
-    g->bt_block_bytes = (64 * g->kw + 1) * 32;
-    g->scratch_bytes = (2 * MB * NB * sizeof(int32_t) +
+    g->bt_block_bytes = (64 * g->kw + 1) * VEC_BYTES;
+    g->scratch_bytes = (PANELS * MB * NB * sizeof(int32_t) +
                         (size_t)g->m_run * g->planes * (32 * g->kw + 24) * sizeof(uint32_t) + 63) &
                        ~(size_t)63;
     size_t bt_bytes = (size_t)blocks * g->bt_block_bytes, pop_bytes = (size_t)blocks * VERT_LANES * 4;
@@ -1911,42 +2381,14 @@ static int byte_planes_and_masks(const word_t *a, const word_t *b, long images, 
 }
 #endif
 
-/* For the tests: 0 forces the paths taken without work buffers. */
-static int use_work_buffers = 1;
-
-void bnn_use_work_buffers(int on)
+/* The object's bnn_xnor_gemm (see the common part): algo ALGO_VERTICAL
+ * runs the vertical kernel where the object has one and the rows fit it,
+ * else the tile kernels; options OPT_*. */
+void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b, long m, long n,
+                  long k, long planes, const int32_t *threshold, void *out, int n_threads)
 {
-    use_work_buffers = on;
-}
-
-/* For the tests (AVX2): 1 runs every product the vertical kernel can take
- * (rows of at most VERT_MAX_WORDS words, bit planes too) through it, 0
- * none, -1 (the default) those where it pays (vertical_pays). */
-static int use_vertical = -1;
-
-void bnn_use_vertical(int mode)
-{
-    use_vertical = mode;
-}
-
-/* For the tests: 1 streams every int32 output, 0 none, -1 (the default)
- * those larger than the last-level cache. */
-static int stream_outputs = -1;
-
-void bnn_stream_outputs(int mode)
-{
-    stream_outputs = mode;
-}
-
-/*
- * a: (m * planes) x kw words, b: n x kw words, both packed along K.
- * threshold == NULL: out is m x n int32 dot products;
- * otherwise out is m x ceil(n / 64) words of packed activations.
- * planes is 1 or 8 (checked by the caller).
- */
-void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
-                   long planes, const int32_t *threshold, void *out, int n_threads)
-{
+    int use_work_buffers = !(options & OPT_NO_WORK_BUFFERS);
+    (void)use_work_buffers;     /* the scalar object has no work buffers */
     gemm_args g = {.a = a, .b = b, .threshold = threshold, .out = out, .m = m * planes, .n = n,
                    .k = k, .kw = (k + 63) / 64, .planes = planes,
                    .m_blocks = (m * planes + MB - 1) / MB, .m_run = 1};
@@ -1958,11 +2400,11 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
     size_t out_bytes = threshold == NULL ? (size_t)m * n * sizeof(int32_t)
                                          : (size_t)m * ((n + 63) / 64) * sizeof(word_t);
     advise_huge_pages(out, out_bytes);
-    g.stream = threshold == NULL && (stream_outputs < 0 ? out_bytes > last_level_cache()
-                                                        : stream_outputs);
-#if defined(INTERLEAVED_B)
-    if (use_work_buffers && g.kw <= VERT_MAX_WORDS &&
-        (use_vertical < 0 ? vertical_pays(m * planes, n, g.kw) : use_vertical)) {
+    g.stream = threshold == NULL && (options & OPT_STREAM      ? 1
+                                     : options & OPT_NO_STREAM ? 0
+                                                               : out_bytes > last_level_cache());
+#if defined(VERTICAL_KERNEL)
+    if (algo == ALGO_VERTICAL && use_work_buffers && g.kw <= VERT_MAX_WORDS) {
         char *vertical = make_vertical(&g, n_threads);
         if (vertical != NULL) {
             run_parallel(vert_task, &g, (m + g.m_run - 1) / g.m_run, n_threads);
@@ -1970,6 +2412,10 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
             return;
         }
     }
+#else
+    (void)algo;
+#endif
+#if defined(INTERLEAVED_B)
     if (planes == 1 && use_work_buffers)
         copies = make_copies(&g, n_threads);    /* none (no memory): edge kernels */
     if (copies != NULL && !g.harley_seal)
@@ -1995,33 +2441,4 @@ void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
     free(masks);
 }
 
-/* ------------------------------------------------------------------------
- * Baseline: the textbook float32 GEMM, C = A . B with A m x k and B k x n
- * row-major, one dot product per output through a strided column of B.
- * No tiling, no blocking: the "unoptimized" kernel the paper compares
- * against.  Rows of C are shared among the threads so that it runs on the
- * same cores as the other two kernels.
- * ------------------------------------------------------------------------ */
-typedef struct {
-    const float *a, *b;
-    float *c;
-    long m, n, k;
-} baseline_args;
-
-static void baseline_task(const void *ctx, long i)
-{
-    const baseline_args *g = (const baseline_args *)ctx;
-    for (long j = 0; j < g->n; j++) {
-        float s = 0.0f;
-        for (long p = 0; p < g->k; p++)
-            s += g->a[i * g->k + p] * g->b[p * g->n + j];
-        g->c[i * g->n + j] = s;
-    }
-}
-
-void bnn_baseline_gemm(const float *a, const float *b, float *c,
-                       long m, long n, long k, int n_threads)
-{
-    baseline_args g = {a, b, c, m, n, k};
-    run_parallel(baseline_task, &g, m, n_threads);
-}
+#endif  /* BNN_PART_KERNELS */
