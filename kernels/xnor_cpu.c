@@ -134,6 +134,7 @@ static void reference_row(const void *ctx, long i)
 {
     const reference_args *g = (const reference_args *)ctx;
     int32_t base = (int32_t)(((1L << g->planes) - 1) * g->k);
+    word_t fired = 0;
     for (long j = 0; j < g->n; j++) {
         long pop = 0;
         for (long p = 0; p < g->planes; p++)
@@ -143,10 +144,12 @@ static void reference_row(const void *ctx, long i)
         int32_t dot = base - 2 * (int32_t)pop;
         if (g->threshold == NULL) {
             ((int32_t *)g->out)[i * g->n + j] = dot;
-        } else {
-            word_t *row = (word_t *)g->out + i * ((g->n + 63) / 64);
-            word_t bit = (word_t)1 << (j % 64);
-            row[j / 64] = dot >= g->threshold[j] ? row[j / 64] | bit : row[j / 64] & ~bit;
+            continue;
+        }
+        fired |= (word_t)(dot >= g->threshold[j]) << (j % 64);
+        if (j % 64 == 63 || j == g->n - 1) {    /* a whole word, its bits past n zero */
+            ((word_t *)g->out)[i * ((g->n + 63) / 64) + j / 64] = fired;
+            fired = 0;
         }
     }
 }

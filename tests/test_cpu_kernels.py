@@ -1,13 +1,18 @@
 """The C kernels (kernels/xnor_cpu.c, kernels/cpu.py) bit for bit against the
-PyTorch references: each micro-kernel variant, the AVX2 vertical kernel forced on
-and off, the bit planes and the threshold epilogue, the thread pool, a portable
-build without popcount instructions, the fallback without a compiler and the
-build cache.  No timing is asserted."""
+PyTorch references: every kernel this CPU runs forced by name (the reference,
+scalar, AVX2, AVX-512 and both vertical kernels) on shapes at every tile,
+block, word and lane edge and on unseen random shapes, with and without bit
+planes, threshold outputs, streamed outputs and work buffers; each build
+variant; the thread pool; the measured kernel choice and its cache; a
+portable build where -march=native fails; kernels the CPU cannot run refused;
+the fallback without a compiler and the build cache.  No timing is asserted."""
 import ctypes
+import json
 import subprocess
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import binary_ops as bo
 from helpers import needs_c, random_operands, reference_matmul, sign64, unpack
@@ -48,18 +53,19 @@ def rows_at_the_edges(a):
     return a
 
 
-def assert_fires_as_reference(lib, a_words, b_words, k, planes, expected):
+def assert_fires_as_reference(lib, a_words, b_words, k, planes, expected, kernel=None):
     """The C kernel's threshold epilogue against fire_torch on the expected
     dot products, with thresholds that some outputs reach exactly (ties)."""
     m, n = expected.shape
     threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)
     threshold[::3] += 1
-    fired = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, planes, threshold)
+    fired = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, planes, threshold, kernel=kernel)
     assert torch.equal(fired, bo.fire_torch(expected.to(torch.int32), threshold))
 
 
-# The AVX2 vertical kernel forced on (1) and off (0: the tile or the
-# Harley-Seal kernel), whether or not it would be chosen (vertical_pays).
+# The vertical kernels (AVX2, AVX-512) and the tile or Harley-Seal kernels of
+# the same instruction set, forced by name, whether or not they would be
+# chosen; skipped where the CPU cannot run them.
 # (257, 2048 + 5, 300): a K tail, one block of 256 rows of B and 44 more;
 # (300, 4096, 129): one panel of the epilogue and 1 column; (256, 2048, 1):
 # one column; (260, 64 * 256, 40): the longest rows it takes (VERT_MAX_WORDS);
@@ -67,30 +73,36 @@ def assert_fires_as_reference(lib, a_words, b_words, k, planes, expected):
 # (5, 64, 7): one word; (70, 330, 771): 6 words (B is transposed 4 words at
 # a time), two whole blocks of B stored straight into the output and a short
 # one through the epilogue; (64, 448, 512): 7 words, whole blocks only.
+VERTICAL_AND_TILES = ["avx2-vertical", "avx2", "avx512-vertical", "avx512"]
+
+
+def runnable_kernel(lib, kernel):
+    if kernel not in cpu_kernels.runnable_kernels(lib):
+        pytest.skip(f"this CPU cannot run the {kernel} kernel")
+
+
 @needs_c
-@pytest.mark.parametrize("vertical", [1, 0])
+@pytest.mark.parametrize("vertical", VERTICAL_AND_TILES)
 @pytest.mark.parametrize("m,k,n", [(257, 2048 + 5, 300), (300, 4096, 129), (256, 2048, 1),
                                    (260, 64 * 256, 40), (33, 784, 1000), (5, 64, 7),
                                    (70, 330, 771), (64, 448, 512)])
 def test_vertical_kernel_exact(vertical, m, k, n):
     lib = cpu_kernels.library()
+    runnable_kernel(lib, vertical)
     a, b = random_operands(m, k, n, seed=m + k + n)
     a = rows_at_the_edges(a)
     a_words, b_words = bo.pack(a), bo.pack(b.T)
     expected = reference_matmul(a, b)
-    lib.bnn_use_vertical(vertical)
-    try:
-        assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1).float(), expected)
-        assert_fires_as_reference(lib, a_words, b_words, k, 1, expected)
-        lib.bnn_stream_outputs(1)           # non-temporal stores, as for large outputs
-        assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1).float(), expected)
-    finally:
-        lib.bnn_use_vertical(-1)
-        lib.bnn_stream_outputs(-1)
+    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1, kernel=vertical)
+    assert torch.equal(out.float(), expected)
+    assert_fires_as_reference(lib, a_words, b_words, k, 1, expected, vertical)
+    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1, kernel=vertical,
+                                options=cpu_kernels.STREAM)  # non-temporal stores
+    assert torch.equal(out.float(), expected)
 
 
 @needs_c
-@pytest.mark.parametrize("vertical", [1, 0])
+@pytest.mark.parametrize("vertical", VERTICAL_AND_TILES)
 @pytest.mark.parametrize("m,k,n", [(40, 784, 300), (3, 2048 + 7, 40)])
 def test_vertical_kernel_bit_planes(vertical, m, k, n):
     """The first layer on 8 bit planes through the vertical kernel (forced on
@@ -98,6 +110,7 @@ def test_vertical_kernel_bit_planes(vertical, m, k, n):
     set bits than clear ones (all of a 255 image, none of a 0 image) on the
     counters of the other sign, counts of 17 and 18 bits."""
     lib = cpu_kernels.library()
+    runnable_kernel(lib, vertical)
     gen = torch.Generator().manual_seed(k + n)
     pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
     pixels[0], pixels[1] = 255, 0
@@ -107,12 +120,9 @@ def test_vertical_kernel_bit_planes(vertical, m, k, n):
     w[0] = torch.where(pixels[-1] > 0, 1.0, -1.0)       # ... and matched: counts past 2^16
     planes, w_words = bo.bit_planes(pixels), bo.pack(w)
     expected = (2 * pixels.long() - 255) @ w.long().T
-    lib.bnn_use_vertical(vertical)
-    try:
-        assert torch.equal(cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8).long(), expected)
-        assert_fires_as_reference(lib, planes, w_words, k, 8, expected)
-    finally:
-        lib.bnn_use_vertical(-1)
+    out = cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8, kernel=vertical)
+    assert torch.equal(out.long(), expected)
+    assert_fires_as_reference(lib, planes, w_words, k, 8, expected, vertical)
 
 
 def test_pure_torch_path_matches(monkeypatch):
@@ -161,46 +171,40 @@ def test_each_micro_kernel_variant(tmp_path, variant):
     a_words = cpu_kernels.pack(lib, a.contiguous())
     b_words = cpu_kernels.pack(lib, b.T.contiguous())
     assert torch.equal(a_words, bo.pack_torch(a))
-    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1)
+    isa = variant if variant in ("avx2", "avx512") else "scalar"
+    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1, kernel=isa)
     assert torch.equal(out.float(), reference_matmul(a, b))
-    lib.bnn_use_vertical(1)         # AVX2: the vertical kernel; elsewhere a no-op
-    tall_a, tall_b = random_operands(40, 2048 + 3, 70, seed=12)
-    out = cpu_kernels.xnor_gemm(lib, cpu_kernels.pack(lib, tall_a),
-                                cpu_kernels.pack(lib, tall_b.T.contiguous()), tall_a.shape[1], 1)
-    assert torch.equal(out.float(), reference_matmul(tall_a, tall_b))
-    lib.bnn_use_vertical(-1)
+    if isa != "scalar":             # the vertical kernel of the build
+        tall_a, tall_b = random_operands(40, 2048 + 3, 70, seed=12)
+        out = cpu_kernels.xnor_gemm(lib, cpu_kernels.pack(lib, tall_a),
+                                    cpu_kernels.pack(lib, tall_b.T.contiguous()), tall_a.shape[1],
+                                    1, kernel=isa + "-vertical")
+        assert torch.equal(out.float(), reference_matmul(tall_a, tall_b))
 
     pixels = torch.randint(0, 256, (9, 790), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     planes = cpu_kernels.pack_planes(lib, pixels)
     assert torch.equal(planes, bo.pack_planes_torch(pixels))
     w_words = bo.pack(b.T[:, :790].contiguous())
-    d = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8)
+    d = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8, kernel=isa)
     assert torch.equal(d.long(), (2 * pixels.long() - 255) @ sign64(b[:790]).long())
     threshold = d[0].clone()
-    fired = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8, threshold)
+    fired = cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8, threshold, kernel=isa)
     assert torch.equal(fired, bo.fire_torch(d, threshold))
 
     # the paths without work buffers (the copies of A and B, byte-sliced planes)
-    lib.bnn_use_work_buffers(0)
-    try:
-        out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1)
-        assert torch.equal(out.float(), reference_matmul(a, b))
-        assert torch.equal(cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8), d)
-    finally:
-        lib.bnn_use_work_buffers(1)
+    none = cpu_kernels.NO_WORK_BUFFERS
+    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, a.shape[1], 1, kernel=isa, options=none)
+    assert torch.equal(out.float(), reference_matmul(a, b))
+    assert torch.equal(cpu_kernels.xnor_gemm(lib, planes, w_words, 790, 8, kernel=isa, options=none), d)
 
     # the output written by non-temporal stores (AVX2; what outputs larger
     # than the last-level cache get), with rows that start 32-byte aligned
     # (N = 136) and rows that do not (N = 131)
-    lib.bnn_stream_outputs(1)
-    try:
-        for n in (131, 136):
-            b_n = torch.cat([b, b[:, :5]], dim=1)[:, :n]
-            out = cpu_kernels.xnor_gemm(lib, a_words, cpu_kernels.pack(lib, b_n.T.contiguous()),
-                                        a.shape[1], 1)
-            assert torch.equal(out.float(), reference_matmul(a, b_n))
-    finally:
-        lib.bnn_stream_outputs(-1)
+    for n in (131, 136):
+        b_n = torch.cat([b, b[:, :5]], dim=1)[:, :n]
+        out = cpu_kernels.xnor_gemm(lib, a_words, cpu_kernels.pack(lib, b_n.T.contiguous()),
+                                    a.shape[1], 1, kernel=isa, options=cpu_kernels.STREAM)
+        assert torch.equal(out.float(), reference_matmul(a, b_n))
 
 
 @needs_c
@@ -307,3 +311,310 @@ def test_build_cache_rebuilds_on_source_change(tmp_path, monkeypatch):
     second = cpu_kernels.build("gcc")
     assert second != first and second.exists()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([first.name, second.name])
+
+
+# ---------------------------------------------------------------------------
+# Every kernel by name; the measured choice; builds
+# ---------------------------------------------------------------------------
+
+KERNELS = ["reference", "scalar", "avx2", "avx2-vertical", "avx512", "avx512-vertical"]
+X86 = cpu_kernels.platform.machine() == "x86_64"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = cpu_kernels.library()
+    if lib is None:
+        pytest.skip("the C kernels did not build")
+    return lib
+
+
+def runnable(lib, kernel):
+    if kernel not in cpu_kernels.runnable_kernels(lib):
+        pytest.skip(f"this CPU cannot run the {kernel} kernel")
+
+
+def sign_matrix(x):
+    return torch.where(x >= 0, 1, -1).long()
+
+
+def operands(m, k, n, seed, zeros=0.1):
+    """A (m x k) and B^T (n x k) with exact zeros and negative zeros (+1)."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+    for x in (a, b):
+        x[torch.rand(x.shape, generator=gen) < zeros] = 0.0
+        x[torch.rand(x.shape, generator=gen) < zeros / 2] = -0.0
+    return a, b
+
+
+def fire(dots, threshold):
+    """Packed threshold outputs by the definition: bit j of a row set where
+    dot >= threshold[j]."""
+    m, n = dots.shape
+    bits = (dots >= threshold).long()
+    words = torch.zeros(m, (n + 63) // 64, dtype=torch.int64)
+    for j in range(n):
+        words[:, j // 64] |= bits[:, j] << (j % 64)
+    return words
+
+
+def check_product(lib, kernel, a, b, options=0):
+    """The kernel's dot products and threshold outputs against float64."""
+    k = a.shape[1]
+    expected = sign_matrix(a) @ sign_matrix(b).T
+    a_words, b_words = bo.pack(a), bo.pack(b)
+    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1, kernel=kernel, options=options)
+    assert torch.equal(out.long(), expected)
+    m, n = expected.shape
+    if m and n:
+        threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)   # ties
+        threshold[::3] += 1
+        fired = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, 1, threshold, kernel=kernel,
+                                      options=options)
+        assert torch.equal(fired, fire(expected, threshold))
+
+
+# Shapes at the edges of every variant: one word, a short last word, the
+# tile sizes (4 x 8, 4 x 2, 4 x 4), the blocks (MB = 32, NB = 128), the
+# vertical kernels' 256 and 512 lanes (full, one over, one under), their 4
+# words a transpose step and 256 words a row (the most they take), the
+# Harley-Seal kernel from 32 words and its K slices of 124 words.
+SHAPES = [(1, 1, 1), (3, 63, 5), (4, 64, 8), (5, 65, 9), (33, 200, 130), (64, 784, 512),
+          (70, 330, 771), (65, 448, 513), (100, 784, 511), (64, 2048 + 5, 257), (9, 2240 - 5, 17),
+          (5, 8192 + 130, 13), (66, 64 * 256, 40), (40, 64 * 256 + 1, 24)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_every_kernel_exact(lib, kernel, m, k, n):
+    runnable(lib, kernel)
+    a, b = operands(m, k, n, seed=m + 7 * k + 13 * n)
+    a[0] = 1.0                      # all set: counted over the clear bits (vertical)
+    if m > 2:
+        a[1] = -1.0                 # none set
+        a[2, : k // 2] = 1.0        # a tie
+    if kernel.endswith("vertical") and (k + 63) // 64 > 256:
+        with pytest.raises(ValueError, match="cannot take"):
+            cpu_kernels.xnor_gemm(lib, bo.pack(a), bo.pack(b), k, 1, kernel=kernel)
+        return
+    check_product(lib, kernel, a, b)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("options", [cpu_kernels.STREAM, cpu_kernels.NO_WORK_BUFFERS])
+def test_every_kernel_options(lib, kernel, options):
+    """Outputs by non-temporal stores (rows 32-byte aligned or not) and the
+    paths without work buffers (edge and plane kernels)."""
+    runnable(lib, kernel)
+    for m, k, n in [(37, 8192 + 333, 131), (70, 784, 136), (300, 2048, 600)]:
+        a, b = operands(m, k, n, seed=k + n)
+        check_product(lib, kernel, a, b, options)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 790, 65), (40, 784, 300), (70, 784, 1024),
+                                   (3, 2048 + 7, 40), (2, 8192 + 700, 11)])
+def test_every_kernel_bit_planes(lib, kernel, m, k, n):
+    """The first layer over 8 bit planes: all-255 and all-0 images (planes
+    all set, none set), a half-set image matched by a row of B (counts past
+    2^16), MNIST-like background."""
+    runnable(lib, kernel)
+    gen = torch.Generator().manual_seed(k + n)
+    pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+    pixels[0] = 255
+    if m > 2:
+        pixels[1] = 0
+        pixels[2, : k // 3] = 0
+    pixels[-1] = torch.arange(k) % 2 * 255
+    w = torch.where(torch.rand(n, k, generator=gen) < 0.5, 1.0, -1.0)
+    w[0] = torch.where(pixels[-1] > 0, 1.0, -1.0)
+    planes, w_words = bo.bit_planes(pixels), bo.pack(w)
+    expected = (2 * pixels.long() - 255) @ w.long().T
+    if kernel.endswith("vertical") and (k + 63) // 64 > 256:
+        return
+    for options in (0, cpu_kernels.NO_WORK_BUFFERS):
+        d = cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8, kernel=kernel, options=options)
+        assert torch.equal(d.long(), expected)
+    threshold = expected[torch.arange(n) % m, torch.arange(n)].to(torch.int32)
+    threshold[1::2] -= 1
+    fired = cpu_kernels.xnor_gemm(lib, planes, w_words, k, 8, threshold, kernel=kernel)
+    assert torch.equal(fired, fire(expected, threshold))
+
+
+@needs_c
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 140), k=st.integers(1, 1500), n=st.integers(1, 700),
+       seed=st.integers(0, 2**31), zeros=st.sampled_from([0.0, 0.5, 1.0]),
+       planes=st.sampled_from([1, 8]))
+def test_every_kernel_on_unseen_shapes(m, k, n, seed, zeros, planes):
+    """Random shapes (hypothesis), every kernel this CPU runs, the same
+    operands: each equal to the float64 reference."""
+    lib = cpu_kernels.library()
+    gen = torch.Generator().manual_seed(seed)
+    if planes == 8:
+        pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+        pixels[torch.rand(m, k, generator=gen) < zeros] = 0
+        a_words, expected_a = bo.bit_planes(pixels), 2 * pixels.long() - 255
+    else:
+        a = torch.randn(m, k, generator=gen)
+        a[torch.rand(m, k, generator=gen) < zeros] = 0.0
+        a_words, expected_a = bo.pack(a), sign_matrix(a)
+    b = torch.randn(n, k, generator=gen)
+    expected = expected_a @ sign_matrix(b).T
+    for kernel in cpu_kernels.runnable_kernels(lib):
+        out = cpu_kernels.xnor_gemm(lib, a_words, bo.pack(b), k, planes, kernel=kernel)
+        assert torch.equal(out.long(), expected), kernel
+
+
+def test_kernels_run_where_the_cpu_has_their_features(lib):
+    """bnn_kernel_runs (the C side's __builtin_cpu_supports) against the CPU
+    flags of /proc/cpuinfo: an object runs only where every feature of its
+    level is there."""
+    if not X86:
+        pytest.skip("x86 feature names")
+    flags = set(cpu_kernels.cpu_signature().split())
+    v2 = {"popcnt", "sse4_2", "ssse3"}
+    v3 = v2 | {"avx", "avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "abm"}
+    v4 = v3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vpopcntdq"}
+    needs = {"reference": set(), "scalar": v2, "avx2": v3, "avx2-vertical": v3, "avx512": v4,
+             "avx512-vertical": v4}
+    runs = set(cpu_kernels.runnable_kernels(lib))
+    for kernel, features in needs.items():
+        assert (kernel in runs) == (features <= flags), kernel
+
+
+def test_forced_kernel(lib, monkeypatch):
+    """BINARYNET_KERNEL forces a kernel; an unknown name is an error."""
+    a, b = operands(100, 784, 600, seed=1)
+    expected = sign_matrix(a) @ sign_matrix(b).T
+    calls = []
+    real = lib.bnn_xnor_gemm_kernel
+
+    class Spy:
+        def __call__(self, kernel, *args):
+            calls.append(kernel)
+            return real(kernel, *args)
+
+    for kernel in cpu_kernels.runnable_kernels(lib) + ["default"]:
+        monkeypatch.setenv(cpu_kernels.KERNEL_ENV, kernel)
+        monkeypatch.setattr(lib, "bnn_xnor_gemm_kernel", Spy())
+        calls.clear()
+        assert torch.equal(bo.xnor_matmul_packed(bo.pack(a), bo.pack(b), 784).long(), expected)
+        names = cpu_kernels.kernel_names(lib)
+        if kernel == "default":
+            assert calls == [lib.bnn_default_kernel(100, 600, 784, 1)]
+        else:
+            assert calls == [names.index(kernel)]
+    monkeypatch.setenv(cpu_kernels.KERNEL_ENV, "no-such-kernel")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        bo.xnor_matmul_packed(bo.pack(a), bo.pack(b), 784)
+
+
+def test_default_table(lib):
+    """The default table's choice is a kernel that runs here, vertical ones
+    only from 64 rows of A and 4 words, with B not mostly padding."""
+    names = cpu_kernels.kernel_names(lib)
+    for m, k, n, planes in [(1, 64, 64, 1), (100, 784, 4096, 1), (10, 784, 1024, 8),
+                            (100, 64 * 300, 512, 1), (300, 784, 300, 1), (100, 128, 4096, 1)]:
+        kernel = names[lib.bnn_default_kernel(m, n, k, planes)]
+        assert kernel in cpu_kernels.runnable_kernels(lib)
+        if kernel.endswith("vertical"):
+            assert m * planes >= 64 and 4 <= (k + 63) // 64 <= 256 and n != 300
+
+
+@needs_c
+def test_choice_measured_cached_and_remeasured(tmp_path, monkeypatch):
+    """The first product of a class times the candidates and writes their
+    order beside the library; a new process (a fresh load) reads it and
+    measures nothing; an edited source is a new build and a new choice."""
+    source = tmp_path / "xnor_cpu.c"
+    source.write_text(cpu_kernels.SOURCE.read_text())
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    monkeypatch.setenv("BINARYNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cpu_kernels.KERNEL_ENV, raising=False)
+    cpu_kernels._load.cache_clear()
+    try:
+        lib = cpu_kernels.library()
+        a, b = operands(100, 784, 1000, seed=2)
+        a_words, b_words = bo.pack(a), bo.pack(b)
+        expected = sign_matrix(a) @ sign_matrix(b).T
+        out = cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1)
+        assert torch.equal(out.long(), expected)
+        files = list((tmp_path / "cache").glob("*.choice.json"))
+        assert len(files) == 1
+        order = json.loads(files[0].read_text())
+        product_class = str(lib.bnn_product_class(100, 1000, 784, 1))
+        candidates = [k for k in cpu_kernels.runnable_kernels(lib) if k != "reference"]
+        assert sorted(order[product_class]) == sorted(candidates)
+
+        cpu_kernels._load.cache_clear()
+        monkeypatch.setattr(cpu_kernels, "measure_order", lambda *args: pytest.fail("measured"))
+        lib = cpu_kernels.library()
+        assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1).long(), expected)
+
+        source.write_text(source.read_text() + "\n/* edited */\n")
+        cpu_kernels._load.cache_clear()
+        lib = cpu_kernels.library()
+        with pytest.raises(pytest.fail.Exception):
+            cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1)
+    finally:
+        cpu_kernels._load.cache_clear()
+
+
+@needs_c
+def test_portable_build_where_native_fails(tmp_path, monkeypatch, capsys):
+    """Where -march=native fails (some compilers on ARM), the kernels are
+    built with portable flags, said once, and are exact."""
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu_kernels, "NATIVE_FLAGS", ["-march=no-such-cpu"])
+    monkeypatch.setenv("BINARYNET_CACHE", str(tmp_path))
+    cpu_kernels._load.cache_clear()
+    try:
+        lib = cpu_kernels.library()
+        assert lib is not None
+        err = capsys.readouterr().err
+        assert err.count("portable flags") == 1 and err.count("\n") == 1
+        assert cpu_kernels.runnable_kernels(lib) == ["reference", "scalar"]
+        a, b = operands(70, 1000, 300, seed=3)
+        check_product(lib, "scalar", a, b)
+        check_product(lib, None, a, b)
+    finally:
+        cpu_kernels._load.cache_clear()
+
+
+ISA_FLAGS = {"scalar": ["-march=x86-64-v2"], "avx2": ["-march=x86-64-v3"],
+             "avx512": ["-march=x86-64-v4", "-mavx512vpopcntdq"]}
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ISA_FLAGS)
+def test_each_part_compiles_warning_free(tmp_path, isa):
+    """The common part (portable) and each kernel object, -Wall -Wextra -Werror."""
+    if not X86:
+        pytest.skip("x86 levels")
+    for part in (["-DBNN_PART_COMMON"], ["-DBNN_PART_KERNELS", f"-DBNN_ISA={isa}", *ISA_FLAGS[isa]]):
+        subprocess.run(["gcc", "-O3", "-Wall", "-Wextra", "-Werror", "-fPIC", *part, "-c",
+                        str(cpu_kernels.SOURCE), "-o", str(tmp_path / "x.o")], check=True)
+
+
+@needs_c
+def test_kernel_not_in_the_library_is_refused(tmp_path, monkeypatch):
+    """A library without the AVX-512 object (a plain AVX2 build) reports its
+    kernels as not running and refuses them, named or forced."""
+    if not X86 or "avx2" not in cpu_kernels.cpu_signature().split():
+        pytest.skip("needs an AVX2 CPU")
+    path = tmp_path / "avx2.so"
+    subprocess.run(["gcc", "-O2", "-march=x86-64-v3", "-shared", "-fPIC", "-pthread",
+                    str(cpu_kernels.SOURCE), "-o", str(path)], check=True)
+    lib = cpu_kernels.declare(ctypes.CDLL(str(path)))
+    lib.binarynet_choices = cpu_kernels.Choices(tmp_path / "choice.json")
+    assert cpu_kernels.runnable_kernels(lib) == ["reference", "avx2", "avx2-vertical"]
+    a, b = operands(8, 100, 9, seed=4)
+    with pytest.raises(ValueError, match="cannot run"):
+        cpu_kernels.xnor_gemm(lib, bo.pack(a), bo.pack(b), 100, 1, kernel="avx512")
+    monkeypatch.setenv(cpu_kernels.KERNEL_ENV, "avx512-vertical")
+    with pytest.raises(ValueError, match="cannot run"):
+        cpu_kernels.xnor_gemm(lib, bo.pack(a), bo.pack(b), 100, 1)
+    monkeypatch.delenv(cpu_kernels.KERNEL_ENV)
+    check_product(lib, None, a, b)
