@@ -1679,7 +1679,7 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
  * micro_kernel_hs timed in the same minutes (Zen 3, shared).
  * A row's steps are a list of byte offsets of vectors in a block
  * (row_steps), made once per row in a task and used against every block of
- * B, padded to a multiple of 16 with the offset of the block's zero vector.
+ * B, padded to a multiple of VERT_GROUP with the offset of the block's zero vector.
  * Last, the planes are turned into 256 integers (count_bytes: a byte of
  * every count from 8 planes by unpacks and 8 x 8 bit transposes) and
  * combined into the results (vert_results).
@@ -1700,6 +1700,8 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
 typedef __m512i vvec;
 #define VERT_LANES 512
+#define VERT_GROUP 32               /* steps folded before a ripple (32 registers) */
+#define RUNNING_PLANES 5            /* ones .. sixteens */
 #define vzero() _mm512_setzero_si512()
 #define vload(p) _mm512_load_si512((const void *)(p))
 #define vand _mm512_and_si512
@@ -1713,6 +1715,8 @@ void vcsa(vvec *high, vvec *low, vvec a, vvec b, vvec c)
 #else
 typedef __m256i vvec;
 #define VERT_LANES 256
+#define VERT_GROUP 16
+#define RUNNING_PLANES 4            /* ones .. eights */
 #define vzero() _mm256_setzero_si256()
 #define vload(p) _mm256_load_si256((const __m256i *)(p))
 #define vand _mm256_and_si256
@@ -1720,6 +1724,7 @@ typedef __m256i vvec;
 #define vcsa csa
 #endif
 #define VEC_BYTES (VERT_LANES / 8)
+#define STEPS_STRIDE(kw) (32 * (kw) + VERT_GROUP + 8)   /* a row's steps, padded, + 8 */
 #define HALVES (VERT_LANES / 256)
 #define PANELS (VERT_LANES / NB)    /* of the epilogue, a block of B */
 _Static_assert(VERT_LANES % NB == 0 && 256 % NB == 0, "a block of B is whole panels of the epilogue");
@@ -1750,21 +1755,36 @@ static void vert_steps(const uint8_t *bt, const uint32_t *steps, long groups,
                        vvec *planes, int top)
 {
     vvec ones = planes[0], twos = planes[1], fours = planes[2], eights = planes[3];
-    for (long g = 0; g < groups; g++, steps += 16) {
+#if VERT_GROUP == 32
+    vvec sixteens = planes[4];
+#endif
+    for (long g = 0; g < groups; g++, steps += VERT_GROUP) {
         vvec ea = fold_8_steps(bt, steps, &ones, &twos, &fours);
         vvec eb = fold_8_steps(bt, steps + 8, &ones, &twos, &fours);
-        vvec sixteens;
-        vcsa(&sixteens, &eights, eights, ea, eb);
-        for (int p = 4; p < top; p++) {
-            vvec carry = vand(planes[p], sixteens);
-            planes[p] = vxor(planes[p], sixteens);
-            sixteens = carry;
+        vvec carry16;
+        vcsa(&carry16, &eights, eights, ea, eb);
+#if VERT_GROUP == 32
+        vvec ec = fold_8_steps(bt, steps + 16, &ones, &twos, &fours);
+        vvec ed = fold_8_steps(bt, steps + 24, &ones, &twos, &fours);
+        vvec carry16b, carry;
+        vcsa(&carry16b, &eights, eights, ec, ed);
+        vcsa(&carry, &sixteens, sixteens, carry16, carry16b);
+#else
+        vvec carry = carry16;
+#endif
+        for (int p = RUNNING_PLANES; p < top; p++) {       /* the ripple */
+            vvec next = vand(planes[p], carry);
+            planes[p] = vxor(planes[p], carry);
+            carry = next;
         }
     }
     planes[0] = ones;
     planes[1] = twos;
     planes[2] = fours;
     planes[3] = eights;
+#if VERT_GROUP == 32
+    planes[4] = sixteens;
+#endif
 }
 
 /* The bits of y under mask swapped with the bits of x under mask << s, in
@@ -1868,10 +1888,10 @@ static void init_bit_offsets(void)
                 bit_offsets[v][n++] = VEC_BYTES * t;
 }
 
-/* Row a's steps (see above) into steps[], padded to a multiple of 16 with
+/* Row a's steps (see above) into steps[], padded to a multiple of VERT_GROUP with
  * zero_offset; returns their number before padding.  *complement says
  * whether they are its clear bits, *set_bits is pop(a).  steps[] has room
- * for 32 kw + 23 entries (8 written past the end at a time). */
+ * for STEPS_STRIDE(kw) entries (8 written past the end at a time). */
 static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
                       uint32_t *steps, int *complement, long *set_bits)
 {
@@ -1890,7 +1910,7 @@ static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
             n += __builtin_popcount(v);
         }
     }
-    for (long p = n; p % 16 != 0; p++)
+    for (long p = n; p % VERT_GROUP != 0; p++)
         steps[p] = zero_offset;
     *complement = flip;
     *set_bits = ones;
@@ -2050,7 +2070,7 @@ static void vert_results(__m256i sums[2][VERT_PLANES], const vert_row *r, const 
 static void vert_task(const void *ctx, long task)
 {
     const gemm_args *g = (const gemm_args *)ctx;
-    long kw = g->kw, planes = g->planes, stride = 32 * kw + 24;
+    long kw = g->kw, planes = g->planes, stride = STEPS_STRIDE(kw);
     long m0 = task * g->m_run, m1 = m0 + g->m_run < g->m / planes ? m0 + g->m_run : g->m / planes;
     char *scratch = g->scratch + (size_t)thread_slot * g->scratch_bytes;
     int32_t *pop = (int32_t *)scratch;                      /* PANELS panels, MB x NB each */
@@ -2079,14 +2099,15 @@ static void vert_task(const void *ctx, long task)
             const vert_row *r = &rows[i - m0];
             vvec sums[2][VERT_PLANES];                      /* plus, minus */
             for (int c = 0; c < 2; c++) {   /* the planes vert_steps and count_bytes read */
-                long used = bit_length(r->total[c]) + planes + 3;
+                long used = bit_length(r->total[c]) + planes + RUNNING_PLANES - 1;
                 for (long p = 0; p < used && p < VERT_PLANES; p++)
                     sums[c][p] = vzero();
             }
             for (long p = 0; p < planes; p++) {
                 int c = r->complement[p];
-                vert_steps(bt, steps + ((i - m0) * planes + p) * stride, (r->n[p] + 15) / 16,
-                           sums[c] + p, bit_length(r->total[c]) - (int)p);
+                vert_steps(bt, steps + ((i - m0) * planes + p) * stride,
+                           (r->n[p] + VERT_GROUP - 1) / VERT_GROUP, sums[c] + p,
+                           bit_length(r->total[c]) - (int)p);
             }
             for (int h = 0; h < HALVES; h++) {              /* 256 lanes at a time */
                 int32_t *out = direct ? (int32_t *)g->out + i * g->n + j0 + 256 * h
@@ -2125,7 +2146,7 @@ static char *make_vertical(gemm_args *g, int n_threads)
     g->m_run = blocks_per_task(g->m / g->planes, 1, n_threads, MB);    /* output rows */
     g->bt_block_bytes = (64 * g->kw + 1) * VEC_BYTES;
     g->scratch_bytes = (PANELS * MB * NB * sizeof(int32_t) +
-                        (size_t)g->m_run * g->planes * (32 * g->kw + 24) * sizeof(uint32_t) + 63) &
+                        (size_t)g->m_run * g->planes * STEPS_STRIDE(g->kw) * sizeof(uint32_t) + 63) &
                        ~(size_t)63;
     size_t bt_bytes = (size_t)blocks * g->bt_block_bytes, pop_bytes = (size_t)blocks * VERT_LANES * 4;
     char *buffer = aligned_alloc(64, (bt_bytes + pop_bytes + slots * g->scratch_bytes + 63) & ~(size_t)63);
