@@ -770,49 +770,29 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  * Register tiling: the micro-kernel computes an MR x NR block of popcount
  * sums while it walks the K words of MR rows of A and NR rows of B, so each
  * loaded word serves NR (or MR) pairs.  One of three micro-kernels is
- * compiled, by the instructions the CPU has (-march=native):
+ * compiled, by the instruction set of the object:
  *   - AVX-512 VPOPCNTDQ, 4 x 2: xor and popcount 8 words per instruction,
  *     64-bit sums in 8 zmm registers;
  *   - AVX2, 4 x 8: popcount 4 words at a time by a 16-entry nibble table
  *     (vpshufb on the low and the high 4 bits of each byte), byte counts
  *     summed for up to 31 steps (31 * 8 < 256) before vpsadbw widens them.
- *     On a Zen 3 core the lookup ran about 1.6x faster than scalar popcnt:
- *     the vector pipes do 4 word pairs in ~8 ops where popcnt needs 12,
+ *     The vector pipes do 4 word pairs in ~8 ops where popcnt needs 12,
  *     and in 6 over copies of A and B split into their low and high
  *     nibbles ("nibble form", at the tile kernel).
  *     The 4 words of a vector are not 4 consecutive words of one row but
  *     word k of 4 rows of B (B interleaved in its copy), against word k
  *     of a row of A broadcast: every lane is its own pair, so there is no
  *     horizontal sum per pair and no partial vector at the end of a row
- *     (K = 784 bits is 13 steps).  This doubled the speed at K = 784.
+ *     (K = 784 bits is 13 steps).
  *     From HS_MIN_WORDS words on, a Harley-Seal variant counts 4 steps
  *     with 3 carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8
  *     tile that keeps all its counters in registers, over copies of A and
  *     B in "pair form" that save one op in seven.
- *     Where there are enough rows (vertical_pays: 64 rows of A, 4 words
- *     or more), the vertical kernel (vert_steps) replaces both: it counts
- *     pop(a & b) for 256 rows of B at once, one bit of a vector each, over
- *     B transposed, adding one vector per set bit of a row of A: no XOR,
- *     at most K / 2 steps, about half the ops per bit pair.
- *     Tried and dropped: a fifth row of A counted by scalar popcnt on the
- *     idle integer pipes (faster on one thread, no faster on two); two
- *     more columns counted that way beside the 1 x 8 Harley-Seal tile
- *     (0.86x per word pair); an 8-step Harley-Seal fold (0.95x, more
- *     running vectors; level with the 4-step fold after the reordering
- *     described at micro_kernel_hs); a first vertical count, a step for
- *     every bit of K over B transposed and stored with its complement
- *     (1.04-1.15x the Harley-Seal kernel in L1, before turning the counters
- *     into integers: the kernel that landed takes only a row's set or clear
- *     bits, at most K / 2 steps); tiles of 2, 3 or 5 rows of A in the
- *     lookup kernel (0.72-0.94x); prefetching the next B panel (no gain); the
- *     Harley-Seal "fours" counted by scalar popcnt on a stored copy instead
- *     of the lookup (34 vector ops per 32 word pairs instead of 48, the
- *     rest on the integer pipes: 0.70-0.90x in L1, reading the copy just
- *     stored or one stored two steps earlier); the Harley-Seal loop in
- *     inline asm, fixed registers and one index register (54 instructions
- *     per 32 word pairs instead of 58: 0.97-1.00x).  That loop is bound by
- *     the vector pipes: on the shared Zen 3 core it was tuned on, a run of
- *     independent vpxor did 2.8-3.3 a clock, not 4, and the loop 2.9-3.5.
+ *     The vertical kernels (vert_steps, avx2-vertical and avx512-vertical)
+ *     are kernels of their own: they count pop(a & b) for 256 or 512 rows of
+ *     B at once, one bit of a vector each, over B transposed, adding one
+ *     vector per set bit of a row of A: no XOR, at most K / 2 steps.
+ *     What was tried and dropped: docs/cpu_kernels.md.
  *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
  *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
  * The AVX-512 kernel reads the last partial vector of a row with a masked
@@ -825,9 +805,7 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  * NB rows of B (at most 62 KiB in nibble form) once per MR rows of A, and
  * the MR rows of A stay in L1 while it sweeps B; the Harley-Seal kernel
  * goes the other way round, one 8-row panel of B (8 KiB) in L1 against all
- * MB rows of A (32 KiB).
- * (Smaller panels, MB / NB / KC = 32 / 64 / 64, 64 / 64 / 32 and others,
- * measured no better.)  KC = 124 keeps a slice within 31 groups of 4
+ * MB rows of A (32 KiB).  KC = 124 keeps a slice within 31 groups of 4
  * words, so the Harley-Seal kernel's byte counters never need widening
  * inside a call.  Tasks are numbered so that consecutive ones share the
  * same B panel.  The sums of successive K slices add up in a per-task
@@ -837,7 +815,7 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  * through a plain dot product one pair at a time; K tails need nothing
  * (zero padding bits, see the top of the file).  The work buffers (the
  * copies of A and B, the byte-sliced planes) are optional: without them
- * (out of memory, or bnn_use_work_buffers(0) in the tests) the edge kernel
+ * (out of memory, or the option OPT_NO_WORK_BUFFERS in the tests) the edge kernel
  * and the one-output plane kernel compute everything.
  *
  * Bit planes (the paper's first layer, s = sum_p 2^p (x^p . w)): with
@@ -848,7 +826,7 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  * first layer's K is short (784 bits = 13 words) and a per-pair reduction
  * would cost as much as the popcounts.  With AVX2 the byte-sliced plane
  * kernel (byte_plane_kernel) does the same count with the 8 planes of a
- * pixel side by side in a byte: 1.5x faster than 8 separate lookups.
+ * pixel side by side in a byte, fewer ops than 8 separate lookups.
  * planes = 1 is the ordinary GEMM.
  * The block keeps, per output, the weighted popcount P = sum_p 2^p pop_p,
  * and the dot product is (2^planes - 1) K - 2 P.  MB is a multiple of 8, so
@@ -861,8 +839,7 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  *     g->direct; so does the vertical kernel, see vert_task); an output
  *     larger than the last-level cache
  *     cannot stay cached anyway, and with AVX2 it is written with
- *     non-temporal stores, which skip reading each line before writing
- *     it (1.01-1.08x for the 64 and 164 MB outputs of --bench);
+ *     non-temporal stores, which skip reading each line before writing it;
  *   - with one, each unit j fires (+1, bit set) where dot >= threshold[j],
  *     and the bits are packed straight into M x ceil(N / 64) words: the next
  *     layer's packed input, with no int32 matrix in between (AVX2: 8 tests
@@ -1104,19 +1081,10 @@ static inline void store_row(__m256i s0, __m256i s1, int32_t *c, int first, int3
  * gcc 12 moved the next row's loads ahead and kept 3 counters on the
  * stack; the empty asm that claims to change a row's two counters after
  * their update pins them in registers (no stack traffic in the loop).
- * Zen 3, in L1, a step took 14.3 cycles against 19.8 for the previous
- * kernel (the and, shift and and per pair, counters spilled); the whole
- * GEMM ran 1.13-1.19x as fast at 100 x 784 x 4096 and 1.19-1.26x at
- * 1000 x 1600 x 1000 on two threads, the copy of B twice as large and all.
- * That copy was first made once per call for all tasks, as the pair form
- * still is; made by each task for its own panel, which it then keeps in
- * L1 for a run of blocks of A (blocks_per_task), the whole GEMM ran
- * 1.03-1.12x as fast at 100 x 784 x 4096 on two threads (level on one,
- * and at 10000 x 784 x 4096 and 1000 x 1600 x 1000).
- * At K = 784 (13 steps a call) the work a call does outside its step loop
- * counts: an earlier version that also carried 64-bit sums across runs of
- * BYTE_STEPS (zeroed and kept on the stack on every call) ran 0.91-0.95x as
- * fast in the whole GEMM. */
+ * Each task copies its own panel of B, which it then keeps in L1 for a run
+ * of blocks of A (blocks_per_task).  At K = 784 (13 steps a call) the work
+ * a call does outside its step loop counts, so nothing is carried across
+ * calls.  (Cycle counts and ratios: docs/cpu_kernels.md.) */
 __attribute__((noinline))
 static void micro_kernel(const word_t *a, long lda, const word_t *b8, long group_stride,
                          long n, int32_t *c, long ldc, int first, int32_t base)
@@ -1170,17 +1138,15 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b8, long group
  * Why one row of A and not the lookup kernel's 4: each pair-vector carries
  * 3 running vectors (ones, twos, bytes), and AVX2 has 16 registers.  A 4 x 8
  * tile needs 24 of them, so gcc kept them on the stack, a load and a store
- * each per step.  The 1 x 8 tile keeps them in registers and did 1.09-1.14x
- * the word pairs per second in L1 (Zen 3, the two timed in turn), 1.03-1.10x
- * in the whole GEMM.  B is reused across the rows of A instead:
+ * each per step.  The 1 x 8 tile keeps them in registers.  B is reused
+ * across the rows of A instead:
  * tile_block_hs sweeps all rows of the block against one 8-row panel of B
  * (8 KC words, 8 KiB), which stays in L1.
  * The order of the work matters as much: the kernel takes the steps in
  * pairs, each pair for both halves of the tile, so that two broadcast
  * words of A are live at a time.  Broadcasting all 4 steps first and doing
  * one half after the other left gcc too few registers, and it spilled the
- * byte counters to the stack: the pairwise order ran 1.05-1.07x faster in
- * the whole GEMM (Zen 3, the two builds timed in turn).
+ * byte counters to the stack.
  * Pair form: the CSA that takes two new steps needs their sum bit
  * v0 ^ v1 and their carry, and with d = v0 ^ v1 it is
  *     ones' = ones ^ d,    carry = v0 ^ ((ones ^ v0) & d)
@@ -1189,8 +1155,7 @@ static void micro_kernel(const word_t *a, long lda, const word_t *b8, long group
  * because d = (a0 ^ a1) ^ (b0 ^ b1): A and B are copied once per call in
  * "pair form", every odd word k of a row holding w[k - 1] ^ w[k] (a2 and
  * b4; K slices start at even words, KC being even).  24 ops per 4 steps
- * instead of 26: 1.07x the word pairs per second on a 32 x 128 block in
- * L1 (Zen 3), 1.03-1.09x in the whole GEMM.  The steps left over at the
+ * instead of 26.  The steps left over at the
  * end of a slice (at most 3) undo the pair form of their odd word. */
 #define HS_MIN_WORDS 32
 _Static_assert(KC % 2 == 0, "K slices start at even words (pair form)");
@@ -1348,7 +1313,7 @@ static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
  * the step in a register and loaded every pixel vector twice (16 loads a
  * step instead of 6, and 8 xors); with the step's 6 vectors loaded first
  * and the empty asms that pin the masks and each pair of sums (as in the
- * tile kernel) the step took 6.4 cycles instead of 9.4 in L1 (Zen 3). */
+ * tile kernel) the step keeps 6 loads (cycles: docs/cpu_kernels.md). */
 __attribute__((noinline))
 static void byte_plane_kernel(const uint8_t *const px[4], const uint8_t *m0, const uint8_t *m1,
                               long nbytes, long out[4][2])
@@ -1516,8 +1481,7 @@ static void copy_row_nibbles(word_t *out, long stride, long high, const word_t *
  * rows) in nibble form: 4 words of each row at a time, the 4 x 4 block of
  * words transposed (transpose_4x4_words) so that vector j holds word
  * k + j of the 4 rows, then split into nibbles; copy_row_nibbles takes the
- * last kw % 4 words.  1.01-1.03x the whole GEMM at 100 x 784 x 4096 (Zen 3)
- * over copying word by word (measured when B was copied once per call). */
+ * last kw % 4 words. */
 static void copy_group_nibbles(word_t *out, const word_t *rows, long kw)
 {
     const __m256i low_nibbles = _mm256_set1_epi8(0x0f);
@@ -1634,16 +1598,12 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
  * (The vertical kernel asks it for rows of A against one "panel", all of
  * B, at most MB.)
  * Tile kernel: runs of at most RUN_BLOCKS, whose rows of A (at most
- * 248 KiB in nibble form) stay in L2 while the panel is in L1.  At
- * 10000 x 784 x 4096, runs of all 313 blocks (each panel copied once) ran
- * 0.92x as fast as copying B once per call, runs of 8 blocks about 0.98x,
- * runs of 16 and 32 level with it. */
+ * 248 KiB in nibble form) stay in L2 while the panel is in L1. */
 #define RUN_BLOCKS 16
 /* Bit planes: runs of 4 blocks, 16 images, whose pixel rows (13 KiB at
  * K = 784) stay in L1 while each pair of mask rows, read from L2, serves
- * all of them: 1.05-1.09x the MNIST network's first layer (10000 images,
- * 1024 and 4096 units; runs of 8 blocks gained less, of 2 nothing).  The
- * run's images share the task's MB x NB scratch block, one row each. */
+ * all of them.  The run's images share the task's MB x NB scratch block,
+ * one row each. */
 #define PLANE_RUN_BLOCKS 4
 _Static_assert(PLANE_RUN_BLOCKS * MB / PLANES <= MB, "a run's images fit the scratch block");
 static long blocks_per_task(long m_blocks, long panels, int n_threads, long most)
@@ -1670,13 +1630,12 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
  * each counting 256 bit pairs.
  * The counters are bit-sliced (vector p holds bit p of every count) and the
  * steps go in by carry-save adders, Harley-Seal again but down the steps
- * instead of along a word: 16 steps fold into the running ones, twos, fours
- * and eights by 15 CSAs, and the carry of weight 16 ripples into the higher
- * vectors (planes) 2 ops a plane.  About 91 ops per 16 steps of 256 pairs:
- * 0.7 ops per 64 bit pairs at K / 2 steps, against the Harley-Seal kernel's
- * 1.5 per word pair, and no XOR or lookup at all.  One core, a block of B
- * in L2, K = 4096: 2.8-3.2 word pairs a clock, against 1.5-2.1 for
- * micro_kernel_hs timed in the same minutes (Zen 3, shared).
+ * instead of along a word: VERT_GROUP steps (16 with AVX2's 16 registers,
+ * 32 with AVX-512's 32) fold into the running ones, twos, fours, eights
+ * (and sixteens) by CSAs, and the carry of the next weight ripples into the
+ * higher vectors (planes) 2 ops a plane.  About 91 ops per 16 steps of 256
+ * pairs with AVX2: 0.7 ops per 64 bit pairs at K / 2 steps, against the
+ * Harley-Seal kernel's 1.5 per word pair, and no XOR or lookup at all.
  * A row's steps are a list of byte offsets of vectors in a block
  * (row_steps), made once per row in a task and used against every block of
  * B, padded to a multiple of VERT_GROUP with the offset of the block's zero vector.
@@ -1685,10 +1644,7 @@ static long blocks_per_task(long m_blocks, long panels, int n_threads, long most
  * combined into the results (vert_results).
  * Tails: rows of B past N are zero lanes, whose outputs are not stored; K
  * needs nothing (no step past K, and B's padding bits are 0).  Bit planes:
- * see vert_task.
- * Tried and dropped: groups of 32 steps (a running sixteens, half the
- * ripple; level in the whole GEMM); each bit plane counted into its own
- * short counter and added by a ripple-carry adder (within the noise). */
+ * see vert_task.  Tried and dropped: docs/cpu_kernels.md. */
 #define VERT_PLANES 24              /* counts <= 255 * 64 VERT_MAX_WORDS / 2 < 2^22, with room
                                        for the 4 running planes above the last bit plane */
 /* The vector of counters: 256 lanes (avx2-vertical) or, with AVX-512,
@@ -1917,7 +1873,7 @@ static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
     return n;
 }
 
-/* One block of 256 rows of B transposed: vector k (32 bytes) holds bit k
+/* 256 rows of B transposed: vector k (VEC_BYTES apart in bt) holds bit k
  * of row j0 + t at bit t, for k < 64 kw, then one zero vector; rows past N
  * are zero.  As 4 x 4 words at a time of 64 x 64 bit transposes, done lane
  * by lane: a vector holds 4 words, and swapping blocks of bits between
@@ -1928,10 +1884,9 @@ static long row_steps(const word_t *a, long kw, long k, uint32_t zero_offset,
  * words across the quarters then gives the block's vectors whole.  In
  * three passes over an 8 KiB buffer, each in registers: rounds 32, 16, 8
  * on rows 8 apart, rounds 4, 2, 1 on 8 consecutive ones, the 4 x 4
- * transposes.  About 6 vector ops a word: with the rows' popcounts,
- * 0.078 ms for 4096 rows of 784 bits on a Zen 3 core, against 0.161 ms for
- * gathering bytes and collecting bits by vpmovmskb, as this was first done
- * (fastest calls). */
+ * transposes.  About 6 vector ops a word.  With 512 lanes, the two halves
+ * of a block are transposed one after the other into the two 32-byte
+ * halves of its 64-byte vectors. */
 /* Rounds s, s / 2, s / 4 on x[0 .. 7], rows s / 4 apart in the matrix. */
 static inline __attribute__((always_inline))
 void transpose_rounds(__m256i x[8], int s, const long long masks[3])
@@ -2022,9 +1977,8 @@ static void transpose_task(const void *ctx, long block)
  *   P = sum_p 2^p pop(a_p) + pop(b) sum_p 2^p s_p - 2 (plus - minus),
  * s_p = -1 for those planes, +1 for the others.
  * The results go straight into an int32 output (whole blocks, output not
- * streamed), else into two panels of popcounts for the epilogue.  (Tried:
- * prefetching a row's output lines for writing before its steps: level.)  The
- * scratch (the steps, the two panels) is the thread's slot of g->scratch. */
+ * streamed), else into PANELS panels of popcounts for the epilogue.  The
+ * scratch (the steps, the panels) is the thread's slot of g->scratch. */
 typedef struct {
     long n[PLANES];             /* steps of each plane (row) before padding */
     int complement[PLANES];
@@ -2445,10 +2399,10 @@ void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b, long 
     if (copies != NULL && !g.harley_seal)
         g.m_run = blocks_per_task(g.m_blocks, panels, n_threads, RUN_BLOCKS);
     /* The tile kernel's dot products straight into an int32 output, where one
-     * K slice makes them final: at 100 x 784 x 4096 the epilogue's burst of
-     * stores into the 1.6 MB output was 19% of the time, and stored tile by
-     * tile they overlap the computing (1.04-1.12x).  Not for outputs streamed
-     * past the cache, which the epilogue writes whole lines of. */
+     * K slice makes them final: stored tile by tile, they overlap the
+     * computing instead of a burst of stores in the epilogue.  Not for
+     * outputs streamed past the cache, which the epilogue writes whole
+     * lines of. */
     g.direct = planes == 1 && threshold == NULL && !g.stream && !g.harley_seal && g.kw <= KC &&
                k > 0;
 #endif
