@@ -196,7 +196,7 @@ static const long row_edges[ROW_CLASSES - 1] = {16, 64, 256};
 static const long word_edges[WORD_CLASSES - 1] = {4, 32, VERT_MAX_WORDS + 1};
 
 /* The default table: for each class, the kernels in order of preference;
- * the first that runs here and pays (see kernel_pays) serves it.
+ * the first that runs here and pays (bnn_kernel_pays) serves it.
  * kernels/cpu.py replaces it, class by class, by the order measured on the
  * user's CPU at first use (docs/cpu_kernels.md has the measurements).
  * Vertical kernels from 64 rows of A and 4 words: below, transposing B costs
@@ -238,7 +238,7 @@ const char *bnn_kernel_name(int kernel)
     return kernel >= 0 && kernel < N_KERNELS ? kernels[kernel].name : "";
 }
 
-int bnn_kernel_index(const char *name, size_t length)
+static int kernel_index(const char *name, size_t length)
 {
     for (int i = 0; i < N_KERNELS; i++)
         if (strlen(kernels[i].name) == length && strncmp(kernels[i].name, name, length) == 0)
@@ -295,11 +295,11 @@ int bnn_kernel_pays(int kernel, long m, long n, long k, long planes)
 }
 
 /* The first kernel of a space-separated list that pays, or -1. */
-int bnn_first_paying(const char *list, long m, long n, long k, long planes)
+static int first_paying(const char *list, long m, long n, long k, long planes)
 {
     while (*list != '\0') {
         size_t length = strcspn(list, " ");
-        int kernel = bnn_kernel_index(list, length);
+        int kernel = kernel_index(list, length);
         if (kernel >= 0 && bnn_kernel_pays(kernel, m, n, k, planes))
             return kernel;
         list += length;
@@ -313,7 +313,7 @@ int bnn_first_paying(const char *list, long m, long n, long k, long planes)
 int bnn_default_kernel(long m, long n, long k, long planes)
 {
     int c = bnn_product_class(m, n, k, planes) % (ROW_CLASSES * WORD_CLASSES);
-    int kernel = bnn_first_paying(default_table[c / WORD_CLASSES][c % WORD_CLASSES], m, n, k, planes);
+    int kernel = first_paying(default_table[c / WORD_CLASSES][c % WORD_CLASSES], m, n, k, planes);
     return kernel >= 0 ? kernel : 0;
 }
 
