@@ -269,17 +269,17 @@ class Choices:
 
 def measure_order(lib, a, b, k: int, planes: int) -> list:
     """The kernels this CPU runs that serve the product (but the reference),
-    fastest first, timed on a slice of it: at most MEASURE_ROWS rows of A,
-    MEASURE_COLS rows of B (B's rows repeated if it has fewer: no padded
-    block favours a kernel) and MEASURE_WORDS words of K (more only where K
-    is past what the vertical kernels take, so that the slice stays in the
-    product's class of K).  Each candidate: MEASURE_CALLS calls on one
+    fastest first, timed on a slice of it: MEASURE_COLS rows of B (B's rows
+    repeated if it has fewer: no padded block favours a kernel), at most
+    MEASURE_WORDS words of K (257 where K is past what the vertical kernels
+    take, so that the slice stays in the product's class of K) and as many
+    rows of A as make the work of MEASURE_ROWS rows of MEASURE_WORDS words.  Each candidate: MEASURE_CALLS calls on one
     thread, the least CPU time of the calling thread of all but the first:
     on a busy machine, the time another process holds the core does not
     count (wall-clock times of 0.1 ms calls there were 2-16 ms, any order)."""
     kw = a.shape[1]
     words = kw if kw <= MEASURE_WORDS else MEASURE_WORDS if kw <= 256 else 257
-    m = max(1, min(a.shape[0], MEASURE_ROWS) // planes)
+    m = max(1, min(a.shape[0], MEASURE_ROWS * MEASURE_WORDS // words) // planes)
     a = a[: m * planes, :words].contiguous()
     b = b.repeat((MEASURE_COLS + b.shape[0] - 1) // b.shape[0], 1)[:MEASURE_COLS, :words].contiguous()
     k = min(k, 64 * words)
