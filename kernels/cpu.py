@@ -219,8 +219,13 @@ def pack_planes(lib, x: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_names(lib) -> list:
-    """Every kernel of the library, runnable here or not, in xnor_cpu.c's order."""
-    return [lib.bnn_kernel_name(i).decode() for i in range(lib.bnn_kernel_count())]
+    """Every kernel of the library, runnable here or not, in xnor_cpu.c's
+    order (read once per library: the choice runs before every product)."""
+    try:
+        return lib.binarynet_names
+    except AttributeError:
+        lib.binarynet_names = [lib.bnn_kernel_name(i).decode() for i in range(lib.bnn_kernel_count())]
+        return lib.binarynet_names
 
 
 def runnable_kernels(lib) -> list:
