@@ -266,10 +266,13 @@ class Choices:
         except (OSError, ValueError):
             merged = {}
         merged.update(self.order)
-        fd, partial = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(merged, f, indent=0, sort_keys=True)
-        os.replace(partial, self.path)
+        try:
+            fd, partial = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(merged, f, indent=0, sort_keys=True)
+            os.replace(partial, self.path)
+        except OSError as e:        # a read-only cache: the order holds for this process
+            warn(f"could not save the kernel choice ({e}); it is measured again next time")
 
 
 def measure_order(lib, a, b, k: int, planes: int) -> list:
