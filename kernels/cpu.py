@@ -5,7 +5,7 @@ C source is compiled at first use on the user's own machine: its common part
 (the reference kernel, the dispatch, the thread pool) once with portable
 flags, and its kernels once per instruction set (on x86: scalar popcnt, AVX2
 and AVX-512 VPOPCNTDQ, each at a fixed -march level tuned for this CPU;
-elsewhere -march=native, or portable flags where that fails, said once),
+elsewhere -march=native; portable flags where no object builds, said once),
 linked into one library.  The C side runs an object only on a CPU with every
 feature it was compiled for.  The library is cached in ~/.cache/binarynet (or
 $BINARYNET_CACHE) under a name keyed by a hash of the source, the compiler
@@ -123,19 +123,20 @@ def build(compiler: str) -> Path:
         built, failed = compile_objects({"common": common, **commands})
         if "common" in failed:
             raise subprocess.CalledProcessError(1, common, stderr="\n".join(failed["common"]))
-        if failed and list(commands) == ["scalar"]:     # not x86: -march=native failed
-            portable = commands["scalar"][:]
-            for flag in NATIVE_FLAGS:
-                portable.remove(flag)
-            more, failed = compile_objects({"scalar": portable})
+        if len(built) == 1:         # no kernel object (-march=native failed, an old compiler)
+            portable = [compiler, *COMMON_FLAGS, "-DBNN_PART_KERNELS", "-DBNN_ISA=scalar", "-c",
+                        str(SOURCE), "-o", str(folder / "scalar.o")]
+            more, _ = compile_objects({"scalar": portable})
+            if not more:
+                error = next(iter(failed.values()))
+                raise subprocess.CalledProcessError(1, portable, stderr="\n".join(error))
             built += more
-            if not failed:
-                warn(f"-march=native failed here; {SOURCE.name} built with portable flags")
-        for isa, error in failed.items():
-            warn(f"the {isa} kernels of {SOURCE.name} did not build ({' '.join(error)}); "
-                 "the library goes without them")
-        if len(built) < 2:
-            raise subprocess.CalledProcessError(1, commands, stderr="no kernel object built")
+            warn(f"{SOURCE.name}'s kernels did not build for this CPU "
+                 f"({' '.join(next(iter(failed.values())))}); built with portable flags")
+        else:
+            for isa, error in failed.items():
+                warn(f"the {isa} kernels of {SOURCE.name} did not build ({' '.join(error)}); "
+                     "the library goes without them")
         partial = folder / "partial.so"
         subprocess.run([compiler, "-shared", "-pthread", *built, "-o", str(partial)],
                        check=True, capture_output=True, text=True)

@@ -583,6 +583,26 @@ def test_portable_build_where_native_fails(tmp_path, monkeypatch, capsys):
         cpu_kernels._load.cache_clear()
 
 
+@needs_c
+def test_portable_build_where_no_level_builds(tmp_path, monkeypatch, capsys):
+    """x86 with a compiler that knows none of the objects' flags: the
+    kernels are built with portable flags, said once, and are exact."""
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernels, "X86_OBJECTS", {"avx2": ["-march=no-such-level"],
+                                                     "avx512": ["-mno-such-flag"]})
+    monkeypatch.setenv("BINARYNET_CACHE", str(tmp_path))
+    cpu_kernels._load.cache_clear()
+    try:
+        lib = cpu_kernels.library()
+        err = capsys.readouterr().err
+        assert err.count("portable flags") == 1 and err.count("\n") == 1
+        assert cpu_kernels.runnable_kernels(lib) == ["reference", "scalar"]
+        a, b = operands(40, 300, 70, seed=5)
+        check_product(lib, None, a, b)
+    finally:
+        cpu_kernels._load.cache_clear()
+
+
 ISA_FLAGS = {"scalar": ["-march=x86-64-v2"], "avx2": ["-march=x86-64-v3"],
              "avx512": ["-march=x86-64-v4", "-mavx512vpopcntdq"]}
 
