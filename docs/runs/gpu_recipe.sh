@@ -22,7 +22,7 @@
 #           mnist_signs.npz (each binarized weight as its sign, the rest as trained; --infer reads it)
 # Every run is float32 throughout (TF32 off, binary_net.main sets it). SMOKE_ARGS, appended
 # to every run's flags, makes a quick rehearsal on the CPU, e.g.
-#   OUT=/tmp/out SMOKE_ARGS="--limit 200 --hidden-units 16 --epochs 2" bash docs/runs/gpu_recipe.sh start
+#   OUT=runs/smoke SMOKE_ARGS="--limit 200 --hidden-units 16 --epochs 2" bash docs/runs/gpu_recipe.sh start
 set -u
 cd "$(dirname "$0")/../.."
 W=runs/gpu                 # the work folder on the device machine, kept between calls
