@@ -1,0 +1,417 @@
+"""1-bit inference of BinaryNet's ConvNets (the CIFAR-10 and SVHN networks of
+Courbariaux et al. 2016) on the XNOR-popcount kernels, and the float32
+reference network it reproduces prediction for prediction.
+
+The binary convolution is Larq Compute Engine's design, on this project's kernels:
+- activations bit-packed NHWC: a pixel is ceil(C / 64) int64 words, channel c at
+  bit c % 64 of word c // 64 (pack's layout), the bits past C 0;
+- im2col on bits: each output pixel's 3x3 window of pixel words, gathered by an
+  int64 index table, is one row of the XNOR GEMM against the packed weights;
+- zero padding exact by a correction: a pixel outside the image is gathered as
+  an all-0 word (every channel -1), which adds -sum_c w[o, c, tap] where the
+  trained network adds 0; so pixels are grouped by which taps fall outside
+  ("border classes": 9 for the usual sizes) and each class gets its own
+  corrected threshold.  Channel bits past C are 0 in both operands: they agree,
+  a constant the threshold absorbs too;
+- bias, max-pool, batch norm and sign: one integer threshold per unit and border
+  class (binary_ops.fold_threshold), then an OR of the pool window's bits where
+  the batch norm rises (gamma >= 0) and an AND where it falls;
+- the first layer on the 8 bit planes of the uint8 pixels, padded with 0 pixels;
+- the dense layers as the MNIST network's, the output batch norm in float.
+Rows of a layer's GEMM are ordered class by class, so that each class is one
+call of the fused GEMM-and-threshold kernel; the next layer's index table
+reads them in any order.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from binary_ops import (BN_KEYS, PIXEL_BITS, PIXEL_SCALE, BatchNorm, BinaryDense, Layer, ParameterError,
+                        _xnor_fire_op, _xnor_gemm_op, binarize, binary_dense, bit_planes, fold_threshold, pack, words)
+
+BATCH = 50          # images per pass of both networks: see docs/results.md
+KERNEL_THREADS = [torch.get_num_threads()]   # while torch's own ops run on one (on_all_threads)
+
+
+def on_all_threads(kernel, *args):
+    """Call a C kernel on all threads, inside a forward pass whose own torch
+    ops (gathers, compares, pools) run on one (one_thread_between_kernels)."""
+    torch.set_num_threads(KERNEL_THREADS[0])
+    try:
+        return kernel(*args)
+    finally:
+        torch.set_num_threads(1)
+
+
+@contextmanager
+def one_thread_between_kernels():
+    """Why: the kernels' pool threads spin for 2 ms after each call, and on two
+    cores an OpenMP team of two started meanwhile waits for its second thread:
+    the small torch ops between the kernels took 10-30x their one-thread time
+    (docs/results.md).  On one thread they run beside the spinning pool."""
+    KERNEL_THREADS[0] = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(KERNEL_THREADS[0])
+
+
+@dataclass
+class ConvLayer:
+    """A 3x3 convolution padded by 1 (real-valued latent weights, O x C x 3 x 3),
+    its bias, whether a 2x2 max-pool follows, and its batch norm."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    bn: object
+    pool: bool
+
+    def to(self, device):
+        return ConvLayer(self.weight.to(device), self.bias.to(device), self.bn.to(device), self.pool)
+
+
+@dataclass
+class ConvNet:
+    """The paper's ConvNet: convolutions, then dense layers (the last one scores)."""
+    convs: list
+    dense: list
+
+    def to(self, device):
+        return ConvNet([c.to(device) for c in self.convs], [d.to(device) for d in self.dense])
+
+    def float_bytes(self) -> int:
+        return sum(4 * t.numel() for layer in self.convs + self.dense
+                   for t in (layer.weight, layer.bias, layer.bn.gamma, layer.bn.beta,
+                             layer.bn.mean, layer.bn.inv_std))
+
+
+def centered_images(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images N x 3 x H x W as float32 2 p - 255: the input 2 p / 255 - 1
+    times PIXEL_SCALE, in exact integers."""
+    return 2 * pixels.float() - PIXEL_SCALE
+
+
+# ---------------------------------------------------------------------------
+# The float32 network: the trained network in evaluation mode.
+# ---------------------------------------------------------------------------
+
+class FloatConvNet:
+    """The ConvNet in eval mode in float32 with torch's conv2d: binary weights
+    sign(W); conv -> [max-pool] -> batch norm -> sign for the hidden layers.
+
+    As FloatMLP, every accumulator is an exact integer: the first layer
+    convolves 2 p - 255 (not 2 p / 255 - 1) and divides by 255, later layers
+    convolve +-1 activations.  On CUDA the conv output is rounded to the
+    integer it is: cuDNN may pick Winograd or FFT algorithms, whose
+    transforms round."""
+
+    def __init__(self, net: ConvNet):
+        self.net = net
+        self.conv_weights = [binarize(c.weight) for c in net.convs]
+        # the same batch norm on channels of NCHW: (C, 1, 1) vectors, the same arithmetic
+        self.conv_bns = [BatchNorm(*(t[:, None, None] for t in (c.bn.gamma, c.bn.beta, c.bn.mean,
+                                                                 c.bn.inv_std))) for c in net.convs]
+        self.dense_weights = [binarize(d.weight).T.contiguous() for d in net.dense]
+
+    def conv(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Conv layer i before its sign: x is centered_images for i = 0."""
+        layer = self.net.convs[i]
+        y = F.conv2d(x, self.conv_weights[i], padding=1)
+        if y.is_cuda:
+            y = y.round()
+        if i == 0:
+            y = y / PIXEL_SCALE
+        y = y + layer.bias[:, None, None]
+        if layer.pool:
+            y = F.max_pool2d(y, 2)
+        return self.conv_bns[i](y)
+
+    def dense(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.net.dense[j]
+        return layer.bn(x @ self.dense_weights[j] + layer.bias)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.scores(batch) for batch in pixels.split(BATCH)])
+
+    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = centered_images(pixels)
+        for i in range(len(self.net.convs)):
+            x = binarize(self.conv(i, x))
+        x = x.flatten(1)
+        for j in range(len(self.net.dense) - 1):
+            x = binarize(self.dense(j, x))
+        return self.dense(len(self.net.dense) - 1, x)
+
+
+# ---------------------------------------------------------------------------
+# The 1-bit network.
+# ---------------------------------------------------------------------------
+
+def window_taps(h: int, w: int) -> torch.Tensor:
+    """(h w) x 9 int64: for each pixel (row-major), the pixel under each tap
+    of its 3x3 window (row-major), -1 where the tap falls in the padding."""
+    offsets = torch.tensor([-1, 0, 1])
+    y = torch.arange(h)[:, None, None, None] + offsets[None, None, :, None]
+    x = torch.arange(w)[None, :, None, None] + offsets[None, None, None, :]
+    inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+    return torch.where(inside, y * w + x, -1).reshape(h * w, 9)
+
+
+def pool_windows(h: int, w: int) -> torch.Tensor:
+    """(h//2 w//2) x 4: the pixels of each 2x2 max-pool window (floor mode)."""
+    y = 2 * torch.arange(h // 2)[:, None, None, None] + torch.arange(2)[None, None, :, None]
+    x = 2 * torch.arange(w // 2)[None, :, None, None] + torch.arange(2)[None, None, None, :]
+    return (y * w + x).reshape(-1, 4)
+
+
+def pack_channels(x: torch.Tensor) -> torch.Tensor:
+    """Pack +-1 values (..., C) into (..., words(C)) int64 words."""
+    return pack(x.contiguous())
+
+
+@dataclass
+class LayerPlan:
+    """A binary conv layer's work for a batch of images of one size: the index
+    table of its GEMM (the input words under each tap, row by row: the
+    interior pixels of every image, then the border pixels), the interior
+    rows' thresholds, the border pixels' (border pixels x units), the pool
+    windows' words, and where each output pixel lands."""
+    table: torch.Tensor
+    interior: int                   # rows of interior pixels
+    threshold: torch.Tensor
+    border_thresholds: torch.Tensor
+    pool_table: torch.Tensor | None
+    out_rows: torch.Tensor          # batch x pixels out: row of the layer's output
+
+
+def word_table(rows: torch.Tensor, n_words: int) -> torch.Tensor:
+    """The flat index of each word of the given rows (of n_words words each):
+    gathers as one 1-D index_select, many times faster than a 2-D one."""
+    return (rows.reshape(-1, 1) * n_words + torch.arange(n_words, device=rows.device)).reshape(-1)
+
+
+class BinaryConv:
+    """One conv layer of the 1-bit network (module doc).  Weight rows are
+    sign(W) times the unit's direction, tap by tap, each tap's channels packed
+    into words(C) words: the GEMM's K is 9 words(C) 64 bits, of which
+    9 (64 words(C) - C) are padding bits that agree.  The first layer's rows
+    are 36 signs in one word, 9 taps of 4 channels: the 3 colours and a 4th of
+    0 pixels against a weight of -1 (a constant 9 * 255), so that a pixel is
+    one int32 to gather; its input is the pixels' 8 bit planes."""
+
+    def __init__(self, layer: ConvLayer, first: bool):
+        n_out, c_in = layer.weight.shape[:2]
+        self.first = first
+        scale, dense_output = ((PIXEL_SCALE, lambda d: d.float() / PIXEL_SCALE) if first
+                               else (1, lambda d: d.float()))
+        direction, self.threshold = fold_threshold(layer, dense_output, scale * 9 * c_in)
+        taps = (binarize(layer.weight) * direction[:, None, None, None]).permute(0, 2, 3, 1)
+        # what a tap in the padding adds to the GEMM (all 0 bits: -w, or 0 pixels: -255 w)
+        # where the network adds 0: the correction, unit by unit
+        self.tap_sums = scale * taps.sum(-1).reshape(n_out, 9).to(torch.int64)
+        if first:
+            taps = torch.cat([taps, -torch.ones_like(taps[..., :1])], -1)
+            self.words, self.k = pack(taps.reshape(n_out, -1)), 36
+            self.offset, self.in_words = 9 * PIXEL_SCALE, 1
+        else:
+            self.words = pack_channels(taps).reshape(n_out, -1)
+            self.k, self.in_words = self.words.shape[1] * 64, words(c_in)
+            self.offset = self.k - 9 * c_in
+        self.out_words, self.pool = words(n_out), layer.pool
+        # pooled bit: OR of the window where the unit's direction is +1, AND where -1
+        rising = torch.zeros(self.out_words * 64, dtype=torch.bool, device=direction.device)
+        rising[:n_out] = direction > 0
+        self.or_mask = pack(torch.where(rising, 1.0, -1.0)[None])[0]
+
+    def plan(self, in_rows: torch.Tensor, pad_row: int, h: int, w: int) -> LayerPlan:
+        """The tables for a batch whose input pixel (image i, pixel p) is row
+        in_rows[i, p] of the input, with an all-0 row at pad_row."""
+        device, batch = in_rows.device, len(in_rows)
+        taps = window_taps(h, w).to(device)
+        outside = taps < 0
+        border = outside.any(1)
+        order = torch.cat([(~border).nonzero()[:, 0], border.nonzero()[:, 0]])
+        n_interior = int((~border).sum())
+        padded = torch.cat([in_rows, torch.full_like(in_rows[:, :1], pad_row)], 1)
+        under = padded[:, torch.where(outside, h * w, taps)]      # batch x pixels x 9
+        table = torch.cat([under[:, order[:n_interior]].reshape(-1), under[:, order[n_interior:]].reshape(-1)])
+        # the border pixels' corrections (pixels x units): the padding taps' sums
+        correction = (outside[order[n_interior:], None, :] * self.tap_sums).sum(-1)
+        thresholds = (self.threshold - correction + self.offset).float()
+        # output row of (image, pixel): interior rows image by image, then border rows
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(h * w, device=device)
+        images = torch.arange(batch, device=device)[:, None]
+        out_rows = torch.where(rank < n_interior, images * n_interior + rank,
+                               batch * n_interior + images * (h * w - n_interior) + rank - n_interior)
+        pool_table = None
+        if self.pool:
+            pool_table = word_table(out_rows[:, pool_windows(h, w).to(device)], self.out_words)
+            out_rows = torch.arange(pool_table.numel() // (4 * self.out_words),
+                                    device=device).view(batch, -1)
+        threshold = (self.threshold + self.offset).to(torch.int32)
+        return LayerPlan(word_table(table, self.in_words), batch * n_interior, threshold, thresholds,
+                         pool_table, out_rows)
+
+    def __call__(self, source: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        """Packed activations, a row a pixel and an all-0 row last, from the
+        input's (int32 pixels for the first layer) in the same layout."""
+        rows = source.view(-1).index_select(0, plan.table).view(-1, 9 * self.in_words)
+        planes = PIXEL_BITS if self.first else 1
+        if self.first:
+            rows = on_all_threads(bit_planes, rows.view(torch.uint8))
+        interior, border = rows[:planes * plan.interior], rows[planes * plan.interior:]
+        # interior pixels: the fused kernel, one threshold per unit
+        fired = [on_all_threads(_xnor_fire_op, interior, self.words, self.k, planes, plan.threshold)] if len(interior) else []
+        if len(border):   # border pixels: a threshold per pixel and unit
+            d = on_all_threads(_xnor_gemm_op, border, self.words, self.k, planes)
+            t = plan.border_thresholds     # float32: d - t is exact, and packs as d >= t
+            fired.append(on_all_threads(pack, (d.view(-1, *t.shape) - t).view(len(d), -1)))
+        fired = torch.cat(fired)
+        if self.pool:
+            fired = self.max_pool(fired.view(-1).index_select(0, plan.pool_table).view(-1, 4, self.out_words))
+        return torch.cat([fired, fired.new_zeros(1, self.out_words)])
+
+    def max_pool(self, window: torch.Tensor) -> torch.Tensor:
+        """sign(BN(max(.))) of the 4 pixels: BN is monotone, so for a rising
+        unit it is the OR of the pixels' bits, for a falling one the AND."""
+        any_ = window[:, 0] | window[:, 1] | window[:, 2] | window[:, 3]
+        all_ = window[:, 0] & window[:, 1] & window[:, 2] & window[:, 3]
+        return (any_ & self.or_mask) | (all_ & ~self.or_mask)
+
+
+def flatten_dense(layer: Layer, c: int, pixels: int) -> BinaryDense:
+    """The first dense layer on the last conv's packed NHWC output: its
+    weight columns (PyTorch flattens NCHW: c * pixels + p) reordered to
+    (pixel, channel), each pixel's channels packed into words(c) words."""
+    direction, threshold = fold_threshold(layer, lambda d: d.float(), c * pixels)
+    w = binarize(layer.weight) * direction[:, None]
+    w = pack_channels(w.view(-1, c, pixels).transpose(1, 2)).reshape(len(w), -1)
+    k = w.shape[1] * 64
+    return BinaryDense(w, k, 1, (threshold + k - c * pixels).to(torch.int32))
+
+
+def pixel_rows(pixels: torch.Tensor) -> torch.Tensor:
+    """The first layer's input: uint8 images N x 3 x H x W as one int32 a
+    pixel (the bytes R, G, B, 0), row-major, and a 0 pixel last (the padding)."""
+    n, c, h, w = pixels.shape
+    rows = pixels.new_zeros(n * h * w + 1, 4)
+    rows[:-1, :c] = pixels.permute(0, 2, 3, 1).reshape(-1, c)
+    return rows.view(torch.int32)
+
+
+class XnorConvNet:
+    """The ConvNet on XNOR and popcount, activations packed from layer to
+    layer (module doc); index tables made once per batch and image size."""
+
+    def __init__(self, net: ConvNet):
+        self.convs = [BinaryConv(layer, i == 0) for i, layer in enumerate(net.convs)]
+        first, *hidden, last = net.dense
+        c_last = net.convs[-1].weight.shape[0]
+        self.first_dense = flatten_dense(first, c_last, first.weight.shape[1] // c_last)
+        self.hidden = [binary_dense(layer, lambda d: d.float(), layer.weight.shape[1], 1)
+                       for layer in hidden]
+        self.last = BinaryDense(pack(binarize(last.weight)), last.weight.shape[1])
+        self.last_bias, self.last_bn = last.bias, last.bn
+        self.plans = {}
+
+    def plan(self, batch: int, h: int, w: int, device) -> list:
+        key = (batch, h, w, str(device))
+        if key not in self.plans:
+            rows = torch.arange(batch * h * w, device=device).view(batch, -1)
+            pad, plans = batch * h * w, []
+            for conv in self.convs:
+                plans.append(conv.plan(rows, pad, h, w))
+                rows, pad = plans[-1].out_rows, plans[-1].out_rows.numel()
+                h, w = (h // 2, w // 2) if conv.pool else (h, w)
+            self.plans[key] = plans
+        return self.plans[key]
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        with one_thread_between_kernels():
+            return torch.cat([self.scores(batch) for batch in pixels.split(BATCH)])
+
+    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        batch, c, h, w = pixels.shape
+        plans = self.plan(batch, h, w, pixels.device)
+        x = pixel_rows(pixels)
+        for conv, plan in zip(self.convs, plans):
+            x = conv(x, plan)
+        out_rows = plans[-1].out_rows
+        x = x.view(-1).index_select(0, word_table(out_rows, x.shape[1]))
+        h = on_all_threads(self.first_dense.fire, x.view(batch, -1))
+        for layer in self.hidden:
+            h = on_all_threads(layer.fire, h)
+        return self.last_bn(on_all_threads(self.last.accumulate, h).float() + self.last_bias)
+
+    def size_bytes(self) -> int:
+        """What a 1-bit model file needs: packed weights, one int32 threshold
+        per hidden unit, the output layer's bias and batch norm in float32.
+        (The border classes' thresholds are derived from these at load.)"""
+        dense = [self.first_dense]
+        packed = sum(layer.words.numel() * 8 for layer in self.convs + dense + self.hidden + [self.last])
+        thresholds = sum(layer.threshold.numel() * 4 for layer in self.convs + dense + self.hidden)
+        return packed + thresholds + 5 * self.last_bias.numel() * 4
+
+
+# ---------------------------------------------------------------------------
+# The parameters, as cifar10.py and svhn.py save them.
+# ---------------------------------------------------------------------------
+
+N_CONVS, N_DENSE = 6, 3
+INPUT_SIZE = 32                     # CIFAR-10 and SVHN images: 3 x 32 x 32
+DATASETS = {(128, 128, 256, 256, 512, 512): "cifar10", (64, 64, 128, 128, 256, 256): "svhn"}
+
+
+def convnet_keys() -> set:
+    names = [f"conv{i}" for i in range(1, N_CONVS + 1)] + [f"dense{j}" for j in range(1, N_DENSE + 1)]
+    keys = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
+    return keys | {f"bn{i}.{p}" for i in range(1, N_CONVS + N_DENSE + 1) for p in BN_KEYS}
+
+
+def _block(arrays: dict, path, name: str, bn: int, shape: tuple):
+    """(weight, bias, BatchNorm) of one layer, shapes checked: one-line errors."""
+    weight = arrays[f"{name}.weight"]
+    if weight.shape != shape:
+        raise ParameterError(f"{path}: {name}.weight has shape {weight.shape}, expected {shape}")
+    vectors = {}
+    for key in [f"{name}.bias"] + [f"bn{bn}.{p}" for p in BN_KEYS]:
+        if arrays[key].shape != (shape[0],):
+            raise ParameterError(f"{path}: {key} has shape {arrays[key].shape}, expected ({shape[0]},)")
+        vectors[key] = arrays[key]
+    for key, value in [(f"{name}.weight", weight), *vectors.items()]:
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ParameterError(f"{path}: {key} has dtype {value.dtype}, expected a float type")
+    t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in vectors.items()}
+    bn_ = BatchNorm(**{field: t[f"bn{bn}.{p}"] for p, field in BN_KEYS.items()})
+    return torch.as_tensor(weight, dtype=torch.float32), t[f"{name}.bias"], bn_
+
+
+def convnet_from_arrays(arrays: dict, path, size: int = INPUT_SIZE) -> ConvNet:
+    """The ConvNet of cifar10.build_model from its state_dict arrays: conv1..6
+    (a max-pool after conv2, conv4, conv6), dense1..3, bn1..9, for images of
+    size x size pixels."""
+    expected = convnet_keys()
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        raise ParameterError(f"{path} has the wrong keys for a ConvNet (missing: {', '.join(missing) or 'none'}; "
+                             f"unexpected: {', '.join(extra) or 'none'})")
+    convs, c_in = [], 3
+    for i in range(1, N_CONVS + 1):
+        c_out = arrays[f"conv{i}.weight"].shape[0] if arrays[f"conv{i}.weight"].ndim else 0
+        convs.append(ConvLayer(*_block(arrays, path, f"conv{i}", i, (c_out, c_in, 3, 3)), pool=i % 2 == 0))
+        c_in, size = c_out, size // 2 if i % 2 == 0 else size
+    dense, n_in = [], c_in * size * size
+    for j in range(1, N_DENSE + 1):
+        weight = arrays[f"dense{j}.weight"]
+        n_out = weight.shape[0] if weight.ndim == 2 else 0
+        dense.append(Layer(*_block(arrays, path, f"dense{j}", N_CONVS + j, (n_out, n_in))))
+        n_in = n_out
+    return ConvNet(convs, dense)
+
+
+def filters(net: ConvNet) -> tuple:
+    return tuple(c.weight.shape[0] for c in net.convs)
