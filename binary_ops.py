@@ -16,7 +16,8 @@ i.e. pack(a) and pack(b.T): both operands are packed along K.
 
 Command line (bench.py and infer.py do the work):
     python binary_ops.py --bench [--json PATH] [--device cpu|cuda]
-    python binary_ops.py --infer mnist_parameters.npz --data-dir DIR [--json PATH] [--device cpu|cuda]
+    python binary_ops.py --infer P.npz --data-dir DIR [--limit N] [--dataset mnist|cifar10|svhn]
+                         [--json PATH] [--device cpu|cuda]
 """
 import argparse
 import sys
@@ -319,21 +320,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bench", action="store_true", help="time baseline, BLAS and XNOR GEMMs")
-    parser.add_argument("--infer", metavar="NPZ", help="1-bit MNIST inference on these parameters")
-    parser.add_argument("--data-dir", help="folder of the MNIST files (for --infer)")
+    parser.add_argument("--infer", metavar="NPZ", help="1-bit inference on the parameters that mnist.py, "
+                        "cifar10.py or svhn.py saved (the network is recognised from the file)")
+    parser.add_argument("--data-dir", help="folder of the test set's files (for --infer)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N test images (for --infer)")
+    parser.add_argument("--dataset", choices=["mnist", "cifar10", "svhn"],
+                        help="the test set to run (for --infer; default: the one the network was built for)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         help="only this device (default: the CPU, and CUDA where present)")
     args = parser.parse_args(argv)
     if args.bench == bool(args.infer):
         parser.error("give exactly one of --bench and --infer")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
     try:
         devices = devices_to_run(args.device)
         if args.bench:
             import bench
             return bench.run_bench(args.json, devices)
         import infer
-        return infer.run_infer(args.infer, args.data_dir, args.json, devices)
+        return infer.run_infer(args.infer, args.data_dir, args.json, devices, args.limit, args.dataset)
     except (UsageError, OSError) as e:
         print(f"binary_ops: error: {e}", file=sys.stderr)
         return 2

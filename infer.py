@@ -111,7 +111,11 @@ def read_npz(path) -> dict:
 
 def load_parameters(path) -> list[Layer]:
     """Read the .npz of mnist.py: the state_dict of dense1..4 and bn1..4."""
-    arrays = read_npz(path)
+    return mlp_from_arrays(read_npz(path), path)
+
+
+def mlp_from_arrays(arrays: dict, path) -> list[Layer]:
+    """The MLP's layers from its state_dict arrays, shapes and types checked."""
     expected = {f"dense{i}.{p}" for i in range(1, N_LAYERS + 1) for p in ("weight", "bias")}
     expected |= {f"bn{i}.{p}" for i in range(1, N_LAYERS + 1) for p in BN_KEYS}
     if set(arrays) != expected:
@@ -334,11 +338,9 @@ WARM_UP = 100       # images run once before timing
 INFER_REPEATS = 3   # timed passes over the test set, median taken
 
 
-def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
-    """Run both networks on the test set on one device; compare and time them."""
-    layers = [layer.to(device) for layer in layers]
-    pixels = pixels.to(device)
-    float_net, xnor_net = FloatMLP(layers), XnorMLP(layers)
+def compare(float_net, xnor_net, pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+    """Run both networks on the test set; their errors, whether they predict
+    identically, and their times (median of INFER_REPEATS passes)."""
     float_net(pixels[:WARM_UP])   # thread pools, kernel compilation
     xnor_net(pixels[:WARM_UP])
     # each network's first full pass gives its scores and warms it up (see time_ms)
@@ -346,10 +348,18 @@ def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, devic
     float_ms = time_ms({"float": lambda: float_net(pixels)}, device, INFER_REPEATS, warm_up=False)["float"]
     xnor_scores = xnor_net(pixels)
     xnor_ms = time_ms({"xnor": lambda: xnor_net(pixels)}, device, INFER_REPEATS, warm_up=False)["xnor"]
-    result = dict(float_err=error_rate(float_scores, labels), xnor_err=error_rate(xnor_scores, labels),
-                  identical=bool(torch.equal(float_scores.argmax(1), xnor_scores.argmax(1))),
-                  float_ms=float_ms, xnor_ms=xnor_ms,
-                  bytes_32bit=float_size_bytes(layers), bytes_1bit=xnor_net.size_bytes())
+    return dict(float_err=error_rate(float_scores, labels), xnor_err=error_rate(xnor_scores, labels),
+                identical=bool(torch.equal(float_scores.argmax(1), xnor_scores.argmax(1))),
+                float_ms=float_ms, xnor_ms=xnor_ms)
+
+
+def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+    """Run both MLPs on the test set on one device; compare and time them."""
+    layers = [layer.to(device) for layer in layers]
+    pixels = pixels.to(device)
+    float_net, xnor_net = FloatMLP(layers), XnorMLP(layers)
+    result = compare(float_net, xnor_net, pixels, labels, device)
+    result.update(bytes_32bit=float_size_bytes(layers), bytes_1bit=xnor_net.size_bytes())
     if device == "cuda":
         baseline_net = FloatMLP(layers, matmul=baseline_matmul)
         baseline_net(pixels[:WARM_UP])
@@ -358,9 +368,8 @@ def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, devic
     return result
 
 
-def print_infer(result: dict, device: str, n_images: int, hidden: int) -> None:
-    print(f"MNIST test set: {n_images} images, {hidden} hidden units, {device}"
-          + (f", {torch.get_num_threads()} threads" if device == "cpu" else ""))
+def print_infer(result: dict, device: str, network: str) -> None:
+    print(f"{network}, {device}" + (f", {torch.get_num_threads()} threads" if device == "cpu" else ""))
     print(f"  float32 forward: test error {result['float_err']:.2f}%, {result['float_ms']:.1f} ms")
     print(f"  1-bit XNOR:      test error {result['xnor_err']:.2f}%, {result['xnor_ms']:.1f} ms "
           f"({result['float_ms'] / result['xnor_ms']:.1f}x faster)")
@@ -373,29 +382,66 @@ def print_infer(result: dict, device: str, n_images: int, hidden: int) -> None:
           f"({result['bytes_32bit'] / result['bytes_1bit']:.1f}x smaller)")
 
 
-def load_test_set(data_dir):
-    """The MNIST test set through datasets.load_mnist, as torch tensors;
-    without a data folder, datasets' own cache (downloading if needed)."""
+TITLES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "svhn": "SVHN"}
+
+
+def load_test_set(dataset: str, data_dir, limit=None):
+    """The first `limit` test images (all by default) and labels of a data set
+    through datasets.py, as torch tensors (uint8 images: N x 784 for MNIST,
+    N x 3 x 32 x 32 for the others); without a data folder, datasets' own
+    cache (downloading if needed)."""
     import datasets
+    load = {"mnist": datasets.load_mnist, "cifar10": datasets.load_cifar10, "svhn": datasets.load_svhn}[dataset]
     try:
-        X, y = datasets.load_mnist(data_dir, download=data_dir is None)["test"]
+        X, y = load(data_dir, download=data_dir is None)["test"]
     except datasets.DataError as e:
         raise ParameterError(str(e)) from None
-    return torch.as_tensor(X).reshape(len(X), -1), torch.as_tensor(y)
+    X, y = torch.as_tensor(X[:limit]), torch.as_tensor(y[:limit])
+    return (X.reshape(len(X), -1) if dataset == "mnist" else X), y
 
 
-def run_infer(npz_path, data_dir, json_path, devices) -> int:
-    layers = load_parameters(npz_path)
-    pixels, labels = load_test_set(data_dir)
+def recognise(arrays: dict, path, dataset=None):
+    """The network a parameter file holds, from its keys: conv1.. (cifar10.py's
+    or svhn.py's ConvNet, told apart by their filter counts) or dense1.. alone
+    (mnist.py's MLP); `dataset` overrides the filter counts.  Returns
+    (dataset, network: list[Layer] or infer_convnet.ConvNet)."""
+    import infer_convnet
+    if any(key.startswith("conv") for key in arrays):
+        if dataset == "mnist":
+            raise ParameterError(f"{path} holds a ConvNet, not mnist.py's MLP")
+        net = infer_convnet.convnet_from_arrays(arrays, path)
+        filters = infer_convnet.filters(net)
+        dataset = dataset or infer_convnet.DATASETS.get(filters)
+        if dataset is None:
+            raise ParameterError(f"{path} holds a ConvNet of filters {filters}, neither cifar10.py's nor "
+                                 f"svhn.py's: name its test set with --dataset")
+        return dataset, net
+    if not any(key.startswith("dense") for key in arrays):
+        raise ParameterError(f"{path} holds no network of this project (no conv or dense weights)")
+    if dataset not in (None, "mnist"):
+        raise ParameterError(f"{path} holds mnist.py's MLP, not a ConvNet for {dataset}")
+    return "mnist", mlp_from_arrays(arrays, path)
+
+
+def run_infer(npz_path, data_dir, json_path, devices, limit=None, dataset=None) -> int:
+    """--infer: the network in an .npz at 32 bits and at 1 bit on its test set."""
+    import infer_convnet
+    dataset, network = recognise(read_npz(npz_path), npz_path, dataset)
+    pixels, labels = load_test_set(dataset, data_dir, limit)
     results = {}
     for device in devices:
-        results[device] = infer(layers, pixels, labels, device)
-        print_infer(results[device], device, len(pixels), layers[0].weight.shape[0])
+        if dataset == "mnist":
+            results[device] = infer(network, pixels, labels, device)
+            title = f"MNIST test set: {len(pixels)} images, {network[0].weight.shape[0]} hidden units"
+        else:
+            results[device] = infer_convnet.infer(network, pixels, labels, device)
+            title = (f"{TITLES[dataset]} test set: {len(pixels)} images, filters "
+                     f"{'-'.join(map(str, infer_convnet.filters(network)))}, "
+                     f"{network.dense[0].weight.shape[0]} hidden units")
+        print_infer(results[device], device, title)
     if json_path:
-        out = dict(results[devices[0]])
+        out = dict(results[devices[0]], dataset=dataset, images=len(pixels))
         if len(devices) > 1:
             out["cuda"] = results["cuda"]
         Path(json_path).write_text(json.dumps(out, indent=1))
     return 0
-
-

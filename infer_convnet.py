@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from binary_ops import (BN_KEYS, PIXEL_BITS, PIXEL_SCALE, BatchNorm, BinaryDense, Layer, ParameterError,
-                        _xnor_fire_op, _xnor_gemm_op, binarize, binary_dense, bit_planes, fold_threshold, pack, words)
+from binary_ops import PIXEL_BITS, bit_planes, pack, sign, words, xnor_fire_op, xnor_gemm_op
+from infer import (BN_KEYS, PIXEL_SCALE, BatchNorm, BinaryDense, Layer, ParameterError, binary_dense,
+                   compare, fold_threshold)
 
 BATCH = 50          # images per pass of both networks: see docs/results.md
 KERNEL_THREADS = [torch.get_num_threads()]   # while torch's own ops run on one (on_all_threads)
@@ -110,11 +111,11 @@ class FloatConvNet:
 
     def __init__(self, net: ConvNet):
         self.net = net
-        self.conv_weights = [binarize(c.weight) for c in net.convs]
+        self.conv_weights = [sign(c.weight) for c in net.convs]
         # the same batch norm on channels of NCHW: (C, 1, 1) vectors, the same arithmetic
         self.conv_bns = [BatchNorm(*(t[:, None, None] for t in (c.bn.gamma, c.bn.beta, c.bn.mean,
                                                                  c.bn.inv_std))) for c in net.convs]
-        self.dense_weights = [binarize(d.weight).T.contiguous() for d in net.dense]
+        self.dense_weights = [sign(d.weight).T.contiguous() for d in net.dense]
 
     def conv(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Conv layer i before its sign: x is centered_images for i = 0."""
@@ -139,10 +140,10 @@ class FloatConvNet:
     def scores(self, pixels: torch.Tensor) -> torch.Tensor:
         x = centered_images(pixels)
         for i in range(len(self.net.convs)):
-            x = binarize(self.conv(i, x))
+            x = sign(self.conv(i, x))
         x = x.flatten(1)
         for j in range(len(self.net.dense) - 1):
-            x = binarize(self.dense(j, x))
+            x = sign(self.dense(j, x))
         return self.dense(len(self.net.dense) - 1, x)
 
 
@@ -208,7 +209,7 @@ class BinaryConv:
         scale, dense_output = ((PIXEL_SCALE, lambda d: d.float() / PIXEL_SCALE) if first
                                else (1, lambda d: d.float()))
         direction, self.threshold = fold_threshold(layer, dense_output, scale * 9 * c_in)
-        taps = (binarize(layer.weight) * direction[:, None, None, None]).permute(0, 2, 3, 1)
+        taps = (sign(layer.weight) * direction[:, None, None, None]).permute(0, 2, 3, 1)
         # what a tap in the padding adds to the GEMM (all 0 bits: -w, or 0 pixels: -255 w)
         # where the network adds 0: the correction, unit by unit
         self.tap_sums = scale * taps.sum(-1).reshape(n_out, 9).to(torch.int64)
@@ -265,9 +266,9 @@ class BinaryConv:
             rows = on_all_threads(bit_planes, rows.view(torch.uint8))
         interior, border = rows[:planes * plan.interior], rows[planes * plan.interior:]
         # interior pixels: the fused kernel, one threshold per unit
-        fired = [on_all_threads(_xnor_fire_op, interior, self.words, self.k, planes, plan.threshold)] if len(interior) else []
+        fired = [on_all_threads(xnor_fire_op, interior, self.words, self.k, planes, plan.threshold)] if len(interior) else []
         if len(border):   # border pixels: a threshold per pixel and unit
-            d = on_all_threads(_xnor_gemm_op, border, self.words, self.k, planes)
+            d = on_all_threads(xnor_gemm_op, border, self.words, self.k, planes)
             t = plan.border_thresholds     # float32: d - t is exact, and packs as d >= t
             fired.append(on_all_threads(pack, (d.view(-1, *t.shape) - t).view(len(d), -1)))
         fired = torch.cat(fired)
@@ -288,7 +289,7 @@ def flatten_dense(layer: Layer, c: int, pixels: int) -> BinaryDense:
     weight columns (PyTorch flattens NCHW: c * pixels + p) reordered to
     (pixel, channel), each pixel's channels packed into words(c) words."""
     direction, threshold = fold_threshold(layer, lambda d: d.float(), c * pixels)
-    w = binarize(layer.weight) * direction[:, None]
+    w = sign(layer.weight) * direction[:, None]
     w = pack_channels(w.view(-1, c, pixels).transpose(1, 2)).reshape(len(w), -1)
     k = w.shape[1] * 64
     return BinaryDense(w, k, 1, (threshold + k - c * pixels).to(torch.int32))
@@ -314,7 +315,7 @@ class XnorConvNet:
         self.first_dense = flatten_dense(first, c_last, first.weight.shape[1] // c_last)
         self.hidden = [binary_dense(layer, lambda d: d.float(), layer.weight.shape[1], 1)
                        for layer in hidden]
-        self.last = BinaryDense(pack(binarize(last.weight)), last.weight.shape[1])
+        self.last = BinaryDense(pack(sign(last.weight)), last.weight.shape[1])
         self.last_bias, self.last_bn = last.bias, last.bn
         self.plans = {}
 
@@ -415,3 +416,11 @@ def convnet_from_arrays(arrays: dict, path, size: int = INPUT_SIZE) -> ConvNet:
 
 def filters(net: ConvNet) -> tuple:
     return tuple(c.weight.shape[0] for c in net.convs)
+
+
+def infer(net: ConvNet, pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+    """Run both ConvNets on the test set on one device; compare and time them."""
+    net, pixels = net.to(device), pixels.to(device)
+    xnor_net = XnorConvNet(net)
+    result = compare(FloatConvNet(net), xnor_net, pixels, labels, device)
+    return result | dict(bytes_32bit=net.float_bytes(), bytes_1bit=xnor_net.size_bytes())

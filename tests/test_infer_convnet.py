@@ -3,6 +3,8 @@ for bit against the float path (odd sizes and channel counts, borders,
 gamma < 0, gamma = 0, ties at the threshold, pooled and not), whole networks
 score for score, the float path against cifar10.build_model in eval mode,
 and the parameter file's errors.  No timing is asserted."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,20 +12,13 @@ import torch
 import binary_net
 import binary_ops as bo
 import cifar10
+import infer
 import infer_convnet as ic
-
-HAS_CUDA = torch.cuda.is_available()
-
-
-def unpack(words, k):
-    bits = (words[..., None] >> torch.arange(64, device=words.device)) & 1
-    bits = bits.reshape(*words.shape[:-1], -1)
-    assert not bits[..., k:].any(), "padding bits must be 0"
-    return bits[..., :k].float() * 2 - 1
+from helpers import ROOT, needs_cuda, unpack
 
 
 def identity_bn(n):
-    return bo.BatchNorm(torch.ones(n), torch.zeros(n), torch.zeros(n), torch.ones(n))
+    return infer.BatchNorm(torch.ones(n), torch.zeros(n), torch.zeros(n), torch.ones(n))
 
 
 def conv_layer(c_out, c_in, pool, seed):
@@ -39,7 +34,7 @@ def set_statistics(bn, pre, dims, seed, ties=False):
     gen = torch.Generator().manual_seed(seed)
     n = pre.shape[1]
     var, mean = torch.var_mean(pre, dims, correction=0)
-    bn.mean, bn.inv_std = mean, torch.rsqrt(var + bo.BN_EPS)
+    bn.mean, bn.inv_std = mean, torch.rsqrt(var + infer.BN_EPS)
     bn.gamma, bn.beta = 1 + 0.5 * torch.randn(n, generator=gen), 0.3 * torch.randn(n, generator=gen)
     bn.gamma[:3] = torch.tensor([0.0, -1.0, -0.0])[: n]
     bn.beta[:1] = -0.5
@@ -59,13 +54,13 @@ def trained_like(net, pixels, seed=0, ties=False):
         pre = float_net.conv(i, x)
         set_statistics(layer.bn, pre, (0, 2, 3), seed + i, ties)
         float_net = ic.FloatConvNet(net)
-        x = bo.binarize(float_net.conv(i, x))
+        x = bo.sign(float_net.conv(i, x))
     x = x.flatten(1)
     for j, layer in enumerate(net.dense):
         layer.bn = identity_bn(len(layer.bias))
         pre = ic.FloatConvNet(net).dense(j, x)
         set_statistics(layer.bn, pre, (0,), seed + 10 + j)
-        x = bo.binarize(ic.FloatConvNet(net).dense(j, x))
+        x = bo.sign(ic.FloatConvNet(net).dense(j, x))
     return net
 
 
@@ -78,7 +73,7 @@ def random_net(filters, units, size, seed=0):
     dense, n_in = [], c_in * size * size
     for n_out in (units, units, 10):
         weight = torch.rand(n_out, n_in, generator=gen) * 2 - 1
-        dense.append(bo.Layer(weight, 0.1 * torch.randn(n_out, generator=gen), identity_bn(n_out)))
+        dense.append(infer.Layer(weight, 0.1 * torch.randn(n_out, generator=gen), identity_bn(n_out)))
         n_in = n_out
     return ic.ConvNet(convs, dense)
 
@@ -104,7 +99,7 @@ def run_layer(conv, source, batch, h, w):
 
 
 def float_layer_signs(net, i, x):
-    y = bo.binarize(ic.FloatConvNet(net).conv(i, x))
+    y = bo.sign(ic.FloatConvNet(net).conv(i, x))
     return y.permute(0, 2, 3, 1).reshape(len(y), -1, y.shape[1])
 
 
@@ -229,7 +224,7 @@ def test_model_size():
     assert net.float_bytes() / ic.XnorConvNet(net).size_bytes() > 30
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no GPU")
+@needs_cuda
 def test_cuda_network_matches_cpu():
     net = trained_like(random_net((8, 13, 16, 33, 40, 70), 50, 32), random_pixels(200, 32, 32, 1))
     pixels = random_pixels(120, 32, 32, 3)
@@ -258,6 +253,76 @@ def good_arrays():
 def test_bad_parameters_are_one_line_errors(change, words):
     arrays = good_arrays()
     change(arrays)
-    with pytest.raises(bo.ParameterError) as info:
+    with pytest.raises(infer.ParameterError) as info:
         ic.convnet_from_arrays(arrays, "p.npz")
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# --infer end to end: models trained one tiny epoch on files in the real formats
+# ---------------------------------------------------------------------------
+
+def write_data(folder, dataset, n_test):
+    """Files as the data sets publish them (tests/test_datasets.py's writers),
+    with random test images."""
+    from test_datasets import cifar_batch, cifar_members, cifar_pickle, write_cifar_tar, write_svhn
+    rng = np.random.default_rng(0)
+    if dataset == "cifar10":
+        members = cifar_members(per_batch=1100, n_test=n_test)
+        test = cifar_batch(60000, n_test) | {b"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)}
+        members["test_batch"] = cifar_pickle(test)
+        write_cifar_tar(folder / "cifar-10-python.tar.gz", members)
+    else:
+        per_class = n_test // 10
+        write_svhn(folder, test=per_class,
+                   override={"test": {"X": rng.integers(0, 256, (32, 32, 3, 10 * per_class), dtype=np.uint8)}})
+    return folder
+
+
+@pytest.fixture(scope="module", params=["cifar10", "svhn"])
+def trained(request, tmp_path_factory):
+    """(dataset, data folder, .npz) after one epoch of the script on 20 images."""
+    import subprocess
+    import sys
+    dataset, folder = request.param, tmp_path_factory.mktemp(request.param)
+    data = write_data(folder / "data", dataset, n_test=60)
+    npz = folder / "p.npz"
+    r = subprocess.run([sys.executable, str(ROOT / f"{dataset}.py"), "--epochs", "1", "--limit", "20",
+                        "--batch-size", "10", "--hidden-units", "64", "--data-dir", str(data),
+                        "--save-path", str(npz), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return dataset, data, npz
+
+
+@pytest.mark.filterwarnings("ignore:.*using it anyway")    # the files' checksums are not the published ones
+def test_infer_recognises_the_network_and_predicts_identically(trained, tmp_path, capsys):
+    dataset, data, npz = trained
+    out = tmp_path / "infer.json"
+    assert bo.main(["--infer", str(npz), "--data-dir", str(data), "--limit", "50", "--device", "cpu",
+                    "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"float_err", "xnor_err", "identical", "float_ms", "xnor_ms", "bytes_32bit", "bytes_1bit",
+            "dataset", "images"} <= set(result)
+    assert result["dataset"] == dataset and result["images"] == 50
+    assert result["identical"] is True and result["float_err"] == result["xnor_err"]
+    assert result["bytes_1bit"] < result["bytes_32bit"] / 25
+    printed = capsys.readouterr().out
+    assert f"{infer.TITLES[dataset]} test set: 50 images" in printed and "predictions identical: yes" in printed
+
+
+@pytest.mark.filterwarnings("ignore:.*using it anyway")
+def test_infer_bad_files_are_one_line_errors(trained, tmp_path, capsys):
+    _, data, npz = trained
+    truncated, unknown = tmp_path / "truncated.npz", tmp_path / "unknown.npz"
+    truncated.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    np.savez(unknown, **{"layer1.weight": np.zeros((3, 3), np.float32)})
+    arrays = dict(np.load(npz))
+    odd = tmp_path / "odd.npz"
+    np.savez(odd, **(arrays | {"conv1.weight": arrays["conv1.weight"][:5], "conv1.bias": arrays["conv1.bias"][:5],
+                               "conv2.weight": arrays["conv2.weight"][:, :5]}
+                      | {f"bn1.{p}": arrays[f"bn1.{p}"][:5] for p in infer.BN_KEYS}))
+    for path, extra, words in [(truncated, [], "not a .npz"), (unknown, [], "no network"),
+                               (odd, [], "--dataset"), (npz, ["--dataset", "mnist"], "ConvNet")]:
+        assert bo.main(["--infer", str(path), "--data-dir", str(data), "--limit", "5", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("binary_ops: error:") and err.count("\n") == 1 and words in err, err
