@@ -22,13 +22,16 @@ Rows of a layer's GEMM are ordered class by class, so that each class is one
 call of the fused GEMM-and-threshold kernel; the next layer's index table
 reads them in any order.
 """
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import binary_net
 from binary_ops import PIXEL_BITS, bit_planes, pack, sign, words, xnor_fire_op, xnor_gemm_op
 from infer import (BN_KEYS, PIXEL_SCALE, BatchNorm, BinaryDense, Layer, ParameterError, binary_dense,
                    compare, fold_threshold)
@@ -99,52 +102,89 @@ def centered_images(pixels: torch.Tensor) -> torch.Tensor:
 # The float32 network: the trained network in evaluation mode.
 # ---------------------------------------------------------------------------
 
-class FloatConvNet:
-    """The ConvNet in eval mode in float32 with torch's conv2d: binary weights
-    sign(W); conv -> [max-pool] -> batch norm -> sign for the hidden layers.
+def state_dict(net: ConvNet) -> dict:
+    """The parameters under the training model's names (conv1.weight, bn1.running_inv_std, ...)."""
+    state, n = {}, len(net.convs)
+    for name, layers in (("conv", net.convs), ("dense", net.dense)):
+        for i, layer in enumerate(layers, 1):
+            bn = i if name == "conv" else n + i
+            state |= {f"{name}{i}.weight": layer.weight, f"{name}{i}.bias": layer.bias}
+            state |= {f"bn{bn}.{key}": getattr(layer.bn, field) for key, field in BN_KEYS.items()}
+    return state
 
-    As FloatMLP, every accumulator is an exact integer: the first layer
-    convolves 2 p - 255 (not 2 p / 255 - 1) and divides by 255, later layers
-    convolve +-1 activations.  On CUDA the conv output is rounded to the
+
+def float_model(net: ConvNet) -> nn.Sequential:
+    """The ConvNet on the training code's own modules, named as
+    cifar10.build_model names them (conv1, pool1, bn1, act1, ..., dense1, bn7, ...),
+    with these parameters loaded by load_state_dict, in eval mode.  Not
+    build_model itself: that one fixes 32 x 32 images, and the tests run others."""
+    modules, n_in = [], 0
+    for i, layer in enumerate(net.convs, 1):
+        c_out, c_in = layer.weight.shape[:2]
+        modules.append((f"conv{i}", binary_net.Conv2DLayer(c_in, c_out)))
+        if layer.pool:
+            modules.append((f"pool{i // 2}", nn.MaxPool2d(2)))
+        modules += [(f"bn{i}", binary_net.BatchNorm(c_out)), (f"act{i}", binary_net.BinaryTanh())]
+    for j, layer in enumerate(net.dense, 1):
+        n_out, n_in = layer.weight.shape
+        modules += [(f"dense{j}", binary_net.DenseLayer(n_in, n_out)),
+                    (f"bn{len(net.convs) + j}", binary_net.BatchNorm(n_out))]
+        if j < len(net.dense):
+            modules.append((f"act{len(net.convs) + j}", binary_net.BinaryTanh()))
+    model = nn.Sequential(OrderedDict(modules)).to(net.convs[0].weight.device)
+    model.load_state_dict(state_dict(net))
+    return model.eval().requires_grad_(False)
+
+
+class FloatConvNet:
+    """The ConvNet in eval mode in float32, on the training code's modules
+    (float_model) and torch's conv2d: binary weights sign(W); conv -> [max-pool]
+    -> batch norm -> sign for the hidden layers, dense -> batch norm for the scores.
+
+    As FloatMLP, the products are computed here so that every accumulator is
+    an exact integer: the first layer convolves 2 p - 255 (not 2 p / 255 - 1)
+    and divides by 255, later layers convolve +-1 activations, and the bias is
+    added after the convolution.  On CUDA the conv output is rounded to the
     integer it is: cuDNN may pick Winograd or FFT algorithms, whose
-    transforms round."""
+    transforms round.  The weights are binarized once, so that the float pass
+    is timed on its convolutions and products alone."""
 
     def __init__(self, net: ConvNet):
-        self.net = net
-        self.conv_weights = [sign(c.weight) for c in net.convs]
-        # the same batch norm on channels of NCHW: (C, 1, 1) vectors, the same arithmetic
-        self.conv_bns = [BatchNorm(*(t[:, None, None] for t in (c.bn.gamma, c.bn.beta, c.bn.mean,
-                                                                 c.bn.inv_std))) for c in net.convs]
-        self.dense_weights = [sign(d.weight).T.contiguous() for d in net.dense]
+        model, n = float_model(net), len(net.convs)
+        self.convs = [(getattr(model, f"conv{i}"), getattr(model, f"pool{i // 2}") if layer.pool else None,
+                       getattr(model, f"bn{i}"), getattr(model, f"act{i}"))
+                      for i, layer in enumerate(net.convs, 1)]
+        self.dense_stages = [(getattr(model, f"dense{j}"), getattr(model, f"bn{n + j}"),
+                              getattr(model, f"act{n + j}", None)) for j in range(1, len(net.dense) + 1)]
+        self.conv_weights = [conv.binary_weight() for conv, _, _, _ in self.convs]
+        self.dense_weights = [dense.binary_weight().T.contiguous() for dense, _, _ in self.dense_stages]
 
     def conv(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Conv layer i before its sign: x is centered_images for i = 0."""
-        layer = self.net.convs[i]
+        """Conv layer i's output before its sign: x is centered_images for i = 0."""
+        conv, pool, bn, _ = self.convs[i]
         y = F.conv2d(x, self.conv_weights[i], padding=1)
         if y.is_cuda:
             y = y.round()
         if i == 0:
             y = y / PIXEL_SCALE
-        y = y + layer.bias[:, None, None]
-        if layer.pool:
-            y = F.max_pool2d(y, 2)
-        return self.conv_bns[i](y)
+        y = y + conv.bias[:, None, None]
+        return bn(y if pool is None else pool(y))
 
     def dense(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        layer = self.net.dense[j]
-        return layer.bn(x @ self.dense_weights[j] + layer.bias)
+        dense, bn, _ = self.dense_stages[j]
+        return bn(x @ self.dense_weights[j] + dense.bias)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.scores(batch) for batch in pixels.split(BATCH)])
 
     def scores(self, pixels: torch.Tensor) -> torch.Tensor:
         x = centered_images(pixels)
-        for i in range(len(self.net.convs)):
-            x = sign(self.conv(i, x))
+        for i, (_, _, _, activation) in enumerate(self.convs):
+            x = activation(self.conv(i, x))
         x = x.flatten(1)
-        for j in range(len(self.net.dense) - 1):
-            x = sign(self.dense(j, x))
-        return self.dense(len(self.net.dense) - 1, x)
+        for j, (_, _, activation) in enumerate(self.dense_stages[:-1]):
+            x = activation(self.dense(j, x))
+        return self.dense(len(self.dense_stages) - 1, x)
 
 
 # ---------------------------------------------------------------------------
