@@ -310,7 +310,7 @@ class BinaryConv:
         if len(border):   # border pixels: a threshold per pixel and unit
             d = on_all_threads(xnor_gemm_op, border, self.words, self.k, planes)
             t = plan.border_thresholds     # float32: d - t is exact, and packs as d >= t
-            fired.append(on_all_threads(pack, (d.view(-1, *t.shape) - t).view(len(d), -1)))
+            fired.append(pack((d.view(-1, *t.shape) - t).view(len(d), -1)))   # small: one thread
         fired = torch.cat(fired)
         if self.pool:
             fired = self.max_pool(fired.view(-1).index_select(0, plan.pool_table).view(-1, 4, self.out_words))
