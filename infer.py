@@ -338,19 +338,28 @@ WARM_UP = 100       # images run once before timing
 INFER_REPEATS = 3   # timed passes over the test set, median taken
 
 
-def compare(float_net, xnor_net, pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:
+def compare(float_net, xnor_net, pixels: torch.Tensor, labels: torch.Tensor, device: str,
+            interleave: bool = False) -> dict:
     """Run both networks on the test set; their errors, whether they predict
-    identically, and their times (median of INFER_REPEATS passes)."""
+    identically, and their times (median of INFER_REPEATS passes).  With
+    `interleave`, the timed passes alternate (float, 1-bit, float, ...): for
+    passes of seconds, so that a burst of others' work on a shared machine
+    falls on both networks and their ratio stays fair."""
     float_net(pixels[:WARM_UP])   # thread pools, kernel compilation
     xnor_net(pixels[:WARM_UP])
+    nets = {"float": lambda: float_net(pixels), "xnor": lambda: xnor_net(pixels)}
     # each network's first full pass gives its scores and warms it up (see time_ms)
-    float_scores = float_net(pixels)
-    float_ms = time_ms({"float": lambda: float_net(pixels)}, device, INFER_REPEATS, warm_up=False)["float"]
-    xnor_scores = xnor_net(pixels)
-    xnor_ms = time_ms({"xnor": lambda: xnor_net(pixels)}, device, INFER_REPEATS, warm_up=False)["xnor"]
-    return dict(float_err=error_rate(float_scores, labels), xnor_err=error_rate(xnor_scores, labels),
-                identical=bool(torch.equal(float_scores.argmax(1), xnor_scores.argmax(1))),
-                float_ms=float_ms, xnor_ms=xnor_ms)
+    if interleave:
+        scores = {name: net() for name, net in nets.items()}
+        ms = time_ms(nets, device, 1, rounds=INFER_REPEATS, warm_up=False)
+    else:
+        scores, ms = {}, {}
+        for name, net in nets.items():
+            scores[name] = net()
+            ms |= time_ms({name: net}, device, INFER_REPEATS, warm_up=False)
+    return dict(float_err=error_rate(scores["float"], labels), xnor_err=error_rate(scores["xnor"], labels),
+                identical=bool(torch.equal(scores["float"].argmax(1), scores["xnor"].argmax(1))),
+                float_ms=ms["float"], xnor_ms=ms["xnor"])
 
 
 def infer(layers: list[Layer], pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:

@@ -462,5 +462,5 @@ def infer(net: ConvNet, pixels: torch.Tensor, labels: torch.Tensor, device: str)
     """Run both ConvNets on the test set on one device; compare and time them."""
     net, pixels = net.to(device), pixels.to(device)
     xnor_net = XnorConvNet(net)
-    result = compare(FloatConvNet(net), xnor_net, pixels, labels, device)
+    result = compare(FloatConvNet(net), xnor_net, pixels, labels, device, interleave=True)
     return result | dict(bytes_32bit=net.float_bytes(), bytes_1bit=xnor_net.size_bytes())
