@@ -413,14 +413,14 @@ def recognise(arrays: dict, path, dataset=None):
     """The network a parameter file holds, from its keys: conv1.. (cifar10.py's
     or svhn.py's ConvNet, told apart by their filter counts) or dense1.. alone
     (mnist.py's MLP); `dataset` overrides the filter counts.  Returns
-    (dataset, network: list[Layer] or infer_convnet.ConvNet)."""
-    import infer_convnet
+    (dataset, network: list[Layer] or convnet.ConvNet)."""
+    import convnet
     if any(key.startswith("conv") for key in arrays):
         if dataset == "mnist":
             raise ParameterError(f"{path} holds a ConvNet, not mnist.py's MLP")
-        net = infer_convnet.convnet_from_arrays(arrays, path)
-        filters = infer_convnet.filters(net)
-        dataset = dataset or infer_convnet.DATASETS.get(filters)
+        net = convnet.convnet_from_arrays(arrays, path)
+        filters = convnet.filters(net)
+        dataset = dataset or convnet.DATASETS.get(filters)
         if dataset is None:
             raise ParameterError(f"{path} holds a ConvNet of filters {filters}, neither cifar10.py's nor "
                                  f"svhn.py's: name its test set with --dataset")
@@ -434,6 +434,7 @@ def recognise(arrays: dict, path, dataset=None):
 
 def run_infer(npz_path, data_dir, json_path, devices, limit=None, dataset=None) -> int:
     """--infer: the network in an .npz at 32 bits and at 1 bit on its test set."""
+    import convnet
     import infer_convnet
     dataset, network = recognise(read_npz(npz_path), npz_path, dataset)
     pixels, labels = load_test_set(dataset, data_dir, limit)
@@ -445,7 +446,7 @@ def run_infer(npz_path, data_dir, json_path, devices, limit=None, dataset=None) 
         else:
             results[device] = infer_convnet.infer(network, pixels, labels, device)
             title = (f"{TITLES[dataset]} test set: {len(pixels)} images, filters "
-                     f"{'-'.join(map(str, infer_convnet.filters(network)))}, "
+                     f"{'-'.join(map(str, convnet.filters(network)))}, "
                      f"{network.dense[0].weight.shape[0]} hidden units")
         print_infer(results[device], device, title)
     if json_path:

@@ -1,42 +1,36 @@
 """1-bit inference of BinaryNet's ConvNets (the CIFAR-10 and SVHN networks of
-Courbariaux et al. 2016) on the XNOR-popcount kernels, and the float32
-reference network it reproduces prediction for prediction.
+Courbariaux et al. 2016) on the XNOR-popcount kernels; it reproduces the float
+network of convnet.py prediction for prediction (and score for score).
 
 The binary convolution is Larq Compute Engine's design, on this project's kernels:
 - activations bit-packed NHWC: a pixel is ceil(C / 64) int64 words, channel c at
   bit c % 64 of word c // 64 (pack's layout), the bits past C 0;
-- im2col on bits: each output pixel's 3x3 window of pixel words, gathered by an
-  int64 index table, is one row of the XNOR GEMM against the packed weights;
+- im2col on bits: each output pixel's 3x3 window of pixel words, gathered by a
+  1-D index table of words, is one row of the XNOR GEMM against the packed weights;
 - zero padding exact by a correction: a pixel outside the image is gathered as
   an all-0 word (every channel -1), which adds -sum_c w[o, c, tap] where the
-  trained network adds 0; so pixels are grouped by which taps fall outside
-  ("border classes": 9 for the usual sizes) and each class gets its own
-  corrected threshold.  Channel bits past C are 0 in both operands: they agree,
-  a constant the threshold absorbs too;
-- bias, max-pool, batch norm and sign: one integer threshold per unit and border
-  class (binary_ops.fold_threshold), then an OR of the pool window's bits where
-  the batch norm rises (gamma >= 0) and an AND where it falls;
+  trained network adds 0, so a border pixel's threshold is moved by the sums of
+  its padding taps.  Channel bits past C are 0 in both operands: they agree, a
+  constant the thresholds absorb too;
+- bias, max-pool, batch norm and sign: integer thresholds (infer.fold_threshold,
+  on the float network's own arithmetic), then an OR of the pool window's bits
+  where the batch norm rises (gamma >= 0) and an AND where it falls;
 - the first layer on the 8 bit planes of the uint8 pixels, padded with 0 pixels;
 - the dense layers as the MNIST network's, the output batch norm in float.
-Rows of a layer's GEMM are ordered class by class, so that each class is one
-call of the fused GEMM-and-threshold kernel; the next layer's index table
-reads them in any order.
+A layer's GEMM rows are its interior pixels, image by image (one call of the
+fused GEMM-and-threshold kernel, one threshold per unit), then its border pixels
+(one call of the int32 GEMM, a threshold per pixel and unit); the next layer's
+index table reads them in that order.
 """
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import binary_net
 from binary_ops import PIXEL_BITS, bit_planes, pack, sign, words, xnor_fire_op, xnor_gemm_op
-from infer import (BN_KEYS, PIXEL_SCALE, BatchNorm, BinaryDense, Layer, ParameterError, binary_dense,
-                   compare, fold_threshold)
+from convnet import BATCH, ConvLayer, ConvNet, FloatConvNet
+from infer import PIXEL_SCALE, BinaryDense, Layer, binary_dense, compare, fold_threshold
 
-BATCH = 50          # images per pass of both networks: see docs/results.md
 KERNEL_THREADS = [torch.get_num_threads()]   # while torch's own ops run on one (on_all_threads)
 
 
@@ -62,129 +56,6 @@ def one_thread_between_kernels():
         yield
     finally:
         torch.set_num_threads(KERNEL_THREADS[0])
-
-
-@dataclass
-class ConvLayer:
-    """A 3x3 convolution padded by 1 (real-valued latent weights, O x C x 3 x 3),
-    its bias, whether a 2x2 max-pool follows, and its batch norm."""
-    weight: torch.Tensor
-    bias: torch.Tensor
-    bn: object
-    pool: bool
-
-    def to(self, device):
-        return ConvLayer(self.weight.to(device), self.bias.to(device), self.bn.to(device), self.pool)
-
-
-@dataclass
-class ConvNet:
-    """The paper's ConvNet: convolutions, then dense layers (the last one scores)."""
-    convs: list
-    dense: list
-
-    def to(self, device):
-        return ConvNet([c.to(device) for c in self.convs], [d.to(device) for d in self.dense])
-
-    def float_bytes(self) -> int:
-        return sum(4 * t.numel() for layer in self.convs + self.dense
-                   for t in (layer.weight, layer.bias, layer.bn.gamma, layer.bn.beta,
-                             layer.bn.mean, layer.bn.inv_std))
-
-
-def centered_images(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 images N x 3 x H x W as float32 2 p - 255: the input 2 p / 255 - 1
-    times PIXEL_SCALE, in exact integers."""
-    return 2 * pixels.float() - PIXEL_SCALE
-
-
-# ---------------------------------------------------------------------------
-# The float32 network: the trained network in evaluation mode.
-# ---------------------------------------------------------------------------
-
-def state_dict(net: ConvNet) -> dict:
-    """The parameters under the training model's names (conv1.weight, bn1.running_inv_std, ...)."""
-    state, n = {}, len(net.convs)
-    for name, layers in (("conv", net.convs), ("dense", net.dense)):
-        for i, layer in enumerate(layers, 1):
-            bn = i if name == "conv" else n + i
-            state |= {f"{name}{i}.weight": layer.weight, f"{name}{i}.bias": layer.bias}
-            state |= {f"bn{bn}.{key}": getattr(layer.bn, field) for key, field in BN_KEYS.items()}
-    return state
-
-
-def float_model(net: ConvNet) -> nn.Sequential:
-    """The ConvNet on the training code's own modules, named as
-    cifar10.build_model names them (conv1, pool1, bn1, act1, ..., dense1, bn7, ...),
-    with these parameters loaded by load_state_dict, in eval mode.  Not
-    build_model itself: that one fixes 32 x 32 images, and the tests run others."""
-    modules, n_in = [], 0
-    for i, layer in enumerate(net.convs, 1):
-        c_out, c_in = layer.weight.shape[:2]
-        modules.append((f"conv{i}", binary_net.Conv2DLayer(c_in, c_out)))
-        if layer.pool:
-            modules.append((f"pool{i // 2}", nn.MaxPool2d(2)))
-        modules += [(f"bn{i}", binary_net.BatchNorm(c_out)), (f"act{i}", binary_net.BinaryTanh())]
-    for j, layer in enumerate(net.dense, 1):
-        n_out, n_in = layer.weight.shape
-        modules += [(f"dense{j}", binary_net.DenseLayer(n_in, n_out)),
-                    (f"bn{len(net.convs) + j}", binary_net.BatchNorm(n_out))]
-        if j < len(net.dense):
-            modules.append((f"act{len(net.convs) + j}", binary_net.BinaryTanh()))
-    model = nn.Sequential(OrderedDict(modules)).to(net.convs[0].weight.device)
-    model.load_state_dict(state_dict(net))
-    return model.eval().requires_grad_(False)
-
-
-class FloatConvNet:
-    """The ConvNet in eval mode in float32, on the training code's modules
-    (float_model) and torch's conv2d: binary weights sign(W); conv -> [max-pool]
-    -> batch norm -> sign for the hidden layers, dense -> batch norm for the scores.
-
-    As FloatMLP, the products are computed here so that every accumulator is
-    an exact integer: the first layer convolves 2 p - 255 (not 2 p / 255 - 1)
-    and divides by 255, later layers convolve +-1 activations, and the bias is
-    added after the convolution.  On CUDA the conv output is rounded to the
-    integer it is: cuDNN may pick Winograd or FFT algorithms, whose
-    transforms round.  The weights are binarized once, so that the float pass
-    is timed on its convolutions and products alone."""
-
-    def __init__(self, net: ConvNet):
-        model, n = float_model(net), len(net.convs)
-        self.convs = [(getattr(model, f"conv{i}"), getattr(model, f"pool{i // 2}") if layer.pool else None,
-                       getattr(model, f"bn{i}"), getattr(model, f"act{i}"))
-                      for i, layer in enumerate(net.convs, 1)]
-        self.dense_stages = [(getattr(model, f"dense{j}"), getattr(model, f"bn{n + j}"),
-                              getattr(model, f"act{n + j}", None)) for j in range(1, len(net.dense) + 1)]
-        self.conv_weights = [conv.binary_weight() for conv, _, _, _ in self.convs]
-        self.dense_weights = [dense.binary_weight().T.contiguous() for dense, _, _ in self.dense_stages]
-
-    def conv(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Conv layer i's output before its sign: x is centered_images for i = 0."""
-        conv, pool, bn, _ = self.convs[i]
-        y = F.conv2d(x, self.conv_weights[i], padding=1)
-        if y.is_cuda:
-            y = y.round()
-        if i == 0:
-            y = y / PIXEL_SCALE
-        y = y + conv.bias[:, None, None]
-        return bn(y if pool is None else pool(y))
-
-    def dense(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        dense, bn, _ = self.dense_stages[j]
-        return bn(x @ self.dense_weights[j] + dense.bias)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.scores(batch) for batch in pixels.split(BATCH)])
-
-    def scores(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = centered_images(pixels)
-        for i, (_, _, _, activation) in enumerate(self.convs):
-            x = activation(self.conv(i, x))
-        x = x.flatten(1)
-        for j, (_, _, activation) in enumerate(self.dense_stages[:-1]):
-            x = activation(self.dense(j, x))
-        return self.dense(len(self.dense_stages) - 1, x)
 
 
 # ---------------------------------------------------------------------------
@@ -396,66 +267,6 @@ class XnorConvNet:
         packed = sum(layer.words.numel() * 8 for layer in self.convs + dense + self.hidden + [self.last])
         thresholds = sum(layer.threshold.numel() * 4 for layer in self.convs + dense + self.hidden)
         return packed + thresholds + 5 * self.last_bias.numel() * 4
-
-
-# ---------------------------------------------------------------------------
-# The parameters, as cifar10.py and svhn.py save them.
-# ---------------------------------------------------------------------------
-
-N_CONVS, N_DENSE = 6, 3
-INPUT_SIZE = 32                     # CIFAR-10 and SVHN images: 3 x 32 x 32
-DATASETS = {(128, 128, 256, 256, 512, 512): "cifar10", (64, 64, 128, 128, 256, 256): "svhn"}
-
-
-def convnet_keys() -> set:
-    names = [f"conv{i}" for i in range(1, N_CONVS + 1)] + [f"dense{j}" for j in range(1, N_DENSE + 1)]
-    keys = {f"{name}.{p}" for name in names for p in ("weight", "bias")}
-    return keys | {f"bn{i}.{p}" for i in range(1, N_CONVS + N_DENSE + 1) for p in BN_KEYS}
-
-
-def _block(arrays: dict, path, name: str, bn: int, shape: tuple):
-    """(weight, bias, BatchNorm) of one layer, shapes checked: one-line errors."""
-    weight = arrays[f"{name}.weight"]
-    if weight.shape != shape:
-        raise ParameterError(f"{path}: {name}.weight has shape {weight.shape}, expected {shape}")
-    vectors = {}
-    for key in [f"{name}.bias"] + [f"bn{bn}.{p}" for p in BN_KEYS]:
-        if arrays[key].shape != (shape[0],):
-            raise ParameterError(f"{path}: {key} has shape {arrays[key].shape}, expected ({shape[0]},)")
-        vectors[key] = arrays[key]
-    for key, value in [(f"{name}.weight", weight), *vectors.items()]:
-        if not np.issubdtype(value.dtype, np.floating):
-            raise ParameterError(f"{path}: {key} has dtype {value.dtype}, expected a float type")
-    t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in vectors.items()}
-    bn_ = BatchNorm(**{field: t[f"bn{bn}.{p}"] for p, field in BN_KEYS.items()})
-    return torch.as_tensor(weight, dtype=torch.float32), t[f"{name}.bias"], bn_
-
-
-def convnet_from_arrays(arrays: dict, path, size: int = INPUT_SIZE) -> ConvNet:
-    """The ConvNet of cifar10.build_model from its state_dict arrays: conv1..6
-    (a max-pool after conv2, conv4, conv6), dense1..3, bn1..9, for images of
-    size x size pixels."""
-    expected = convnet_keys()
-    if set(arrays) != expected:
-        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-        raise ParameterError(f"{path} has the wrong keys for a ConvNet (missing: {', '.join(missing) or 'none'}; "
-                             f"unexpected: {', '.join(extra) or 'none'})")
-    convs, c_in = [], 3
-    for i in range(1, N_CONVS + 1):
-        c_out = arrays[f"conv{i}.weight"].shape[0] if arrays[f"conv{i}.weight"].ndim else 0
-        convs.append(ConvLayer(*_block(arrays, path, f"conv{i}", i, (c_out, c_in, 3, 3)), pool=i % 2 == 0))
-        c_in, size = c_out, size // 2 if i % 2 == 0 else size
-    dense, n_in = [], c_in * size * size
-    for j in range(1, N_DENSE + 1):
-        weight = arrays[f"dense{j}.weight"]
-        n_out = weight.shape[0] if weight.ndim == 2 else 0
-        dense.append(Layer(*_block(arrays, path, f"dense{j}", N_CONVS + j, (n_out, n_in))))
-        n_in = n_out
-    return ConvNet(convs, dense)
-
-
-def filters(net: ConvNet) -> tuple:
-    return tuple(c.weight.shape[0] for c in net.convs)
 
 
 def infer(net: ConvNet, pixels: torch.Tensor, labels: torch.Tensor, device: str) -> dict:

@@ -12,6 +12,7 @@ import torch
 import binary_net
 import binary_ops as bo
 import cifar10
+import convnet as cn
 import infer
 import infer_convnet as ic
 from helpers import ROOT, needs_cuda, unpack
@@ -24,7 +25,7 @@ def identity_bn(n):
 def conv_layer(c_out, c_in, pool, seed):
     gen = torch.Generator().manual_seed(seed)
     weight = torch.rand(c_out, c_in, 3, 3, generator=gen) * 2 - 1
-    return ic.ConvLayer(weight, 0.1 * torch.randn(c_out, generator=gen), identity_bn(c_out), pool)
+    return cn.ConvLayer(weight, 0.1 * torch.randn(c_out, generator=gen), identity_bn(c_out), pool)
 
 
 def set_statistics(bn, pre, dims, seed, ties=False):
@@ -46,21 +47,21 @@ def set_statistics(bn, pre, dims, seed, ties=False):
 
 def trained_like(net, pixels, seed=0, ties=False):
     """Every batch norm set from the float path's own pre-activations, layer by layer."""
-    float_net = ic.FloatConvNet(net)
-    x = ic.centered_images(pixels)
+    float_net = cn.FloatConvNet(net)
+    x = cn.centered_images(pixels)
     for i, layer in enumerate(net.convs):
         layer.bn = identity_bn(len(layer.bias))
-        float_net = ic.FloatConvNet(net)
+        float_net = cn.FloatConvNet(net)
         pre = float_net.conv(i, x)
         set_statistics(layer.bn, pre, (0, 2, 3), seed + i, ties)
-        float_net = ic.FloatConvNet(net)
+        float_net = cn.FloatConvNet(net)
         x = bo.sign(float_net.conv(i, x))
     x = x.flatten(1)
     for j, layer in enumerate(net.dense):
         layer.bn = identity_bn(len(layer.bias))
-        pre = ic.FloatConvNet(net).dense(j, x)
+        pre = cn.FloatConvNet(net).dense(j, x)
         set_statistics(layer.bn, pre, (0,), seed + 10 + j)
-        x = bo.sign(ic.FloatConvNet(net).dense(j, x))
+        x = bo.sign(cn.FloatConvNet(net).dense(j, x))
     return net
 
 
@@ -75,7 +76,7 @@ def random_net(filters, units, size, seed=0):
         weight = torch.rand(n_out, n_in, generator=gen) * 2 - 1
         dense.append(infer.Layer(weight, 0.1 * torch.randn(n_out, generator=gen), identity_bn(n_out)))
         n_in = n_out
-    return ic.ConvNet(convs, dense)
+    return cn.ConvNet(convs, dense)
 
 
 def random_pixels(n, h, w, seed):
@@ -99,7 +100,7 @@ def run_layer(conv, source, batch, h, w):
 
 
 def float_layer_signs(net, i, x):
-    y = bo.sign(ic.FloatConvNet(net).conv(i, x))
+    y = bo.sign(cn.FloatConvNet(net).conv(i, x))
     return y.permute(0, 2, 3, 1).reshape(len(y), -1, y.shape[1])
 
 
@@ -120,8 +121,8 @@ def test_binary_conv_layer_matches_float_path(h, w, pool, c_in, c_out, ties):
     gen = torch.Generator().manual_seed(seed)
     x = torch.where(torch.rand(batch, c_in, h, w, generator=gen) < 0.5, 1.0, -1.0)
     x[0] = 1.0                                  # all +1: every correction at its extreme
-    net = ic.ConvNet([conv_layer(3, 3, False, 0), conv_layer(c_out, c_in, pool, seed)], [])
-    pre = ic.FloatConvNet(net).conv(1, x)
+    net = cn.ConvNet([conv_layer(3, 3, False, 0), conv_layer(c_out, c_in, pool, seed)], [])
+    pre = cn.FloatConvNet(net).conv(1, x)
     set_statistics(net.convs[1].bn, pre, (0, 2, 3), seed, ties)
     expected = float_layer_signs(net, 1, x)
     source = torch.cat([bo.pack(x.permute(0, 2, 3, 1).reshape(-1, c_in)),
@@ -140,9 +141,9 @@ def test_first_layer_bit_planes_match_float_path(h, w, pool, ties):
         pytest.skip("no 2x2 window")
     batch, seed = 7, h * 10 + w
     pixels = random_pixels(batch, h, w, seed)
-    net = ic.ConvNet([conv_layer(70, 3, pool, seed)], [])
-    x = ic.centered_images(pixels)
-    set_statistics(net.convs[0].bn, ic.FloatConvNet(net).conv(0, x), (0, 2, 3), seed, ties)
+    net = cn.ConvNet([conv_layer(70, 3, pool, seed)], [])
+    x = cn.centered_images(pixels)
+    set_statistics(net.convs[0].bn, cn.FloatConvNet(net).conv(0, x), (0, 2, 3), seed, ties)
     expected = float_layer_signs(net, 0, x)
     got = run_layer(ic.BinaryConv(net.convs[0], first=True), ic.pixel_rows(pixels), batch, h, w)
     assert torch.equal(got, expected)
@@ -176,7 +177,7 @@ def test_network_scores_match_float_path(filters, units, size):
     float arithmetic on the same integers.  Sizes 20 and 9: odd maps (5, 2)."""
     net = trained_like(random_net(filters, units, size, seed=size), random_pixels(200, size, size, 1))
     pixels = random_pixels(130, size, size, 2)      # more than one batch of the 1-bit network
-    float_scores = ic.FloatConvNet(net)(pixels)
+    float_scores = cn.FloatConvNet(net)(pixels)
     xnor = ic.XnorConvNet(net)
     assert torch.equal(xnor(pixels), float_scores)
     assert torch.equal(xnor(pixels[:3]), float_scores[:3])     # another batch size: other tables
@@ -205,11 +206,11 @@ def test_float_path_predicts_as_the_trained_model():
     pixels to 2 p / 255 - 1 and adds the bias inside the convolution, so
     scores differ by rounding; predictions may differ at most twice."""
     model = trained_model((16, 16, 32, 32, 64, 64), 64)
-    net = ic.convnet_from_arrays(binary_net.state_to_numpy(model), "model")
+    net = cn.convnet_from_arrays(binary_net.state_to_numpy(model), "model")
     pixels = random_pixels(400, 32, 32, 5)
     with torch.no_grad():
         theirs = model(binary_net.scale_pixels(pixels))
-    ours = ic.FloatConvNet(net)(pixels)
+    ours = cn.FloatConvNet(net)(pixels)
     assert (theirs.argmax(1) != ours.argmax(1)).sum() <= 2
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3)
     assert torch.equal(ic.XnorConvNet(net)(pixels), ours)
@@ -219,7 +220,7 @@ def test_model_size():
     """The paper's CIFAR-10 network: every float32 parameter and statistic
     against packed weights and one threshold a unit: over 30x smaller."""
     model = trained_model(cifar10.recipe["filters"], 1024)
-    net = ic.convnet_from_arrays(binary_net.state_to_numpy(model), "m")
+    net = cn.convnet_from_arrays(binary_net.state_to_numpy(model), "m")
     assert net.float_bytes() == 4 * sum(t.numel() for t in model.state_dict().values())
     assert net.float_bytes() / ic.XnorConvNet(net).size_bytes() > 30
 
@@ -231,7 +232,7 @@ def test_cuda_network_matches_cpu():
     cpu_scores = ic.XnorConvNet(net)(pixels)
     cuda_net = net.to("cuda")
     assert torch.equal(ic.XnorConvNet(cuda_net)(pixels.cuda()).cpu(), cpu_scores)
-    assert torch.equal(ic.FloatConvNet(cuda_net)(pixels.cuda()).cpu(), ic.FloatConvNet(net)(pixels))
+    assert torch.equal(cn.FloatConvNet(cuda_net)(pixels.cuda()).cpu(), cn.FloatConvNet(net)(pixels))
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_bad_parameters_are_one_line_errors(change, words):
     arrays = good_arrays()
     change(arrays)
     with pytest.raises(infer.ParameterError) as info:
-        ic.convnet_from_arrays(arrays, "p.npz")
+        cn.convnet_from_arrays(arrays, "p.npz")
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
