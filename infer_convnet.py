@@ -262,7 +262,7 @@ class XnorConvNet:
     def size_bytes(self) -> int:
         """What a 1-bit model file needs: packed weights, one int32 threshold
         per hidden unit, the output layer's bias and batch norm in float32.
-        (The border classes' thresholds are derived from these at load.)"""
+        (The border pixels' thresholds are derived from these and the weights.)"""
         dense = [self.first_dense]
         packed = sum(layer.words.numel() * 8 for layer in self.convs + dense + self.hidden + [self.last])
         thresholds = sum(layer.threshold.numel() * 4 for layer in self.convs + dense + self.hidden)
