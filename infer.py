@@ -9,7 +9,9 @@ two must predict identically.
 
 Reusable beyond the MLP: `BatchNorm` (inference-mode batch norm), `Layer`,
 `read_npz` (reading a parameter file, with its checks and the running_var
-conversion) and `fold_threshold`.
+conversion), `fold_threshold` and `compare`.  The command recognises the network
+in the file: the CIFAR-10 and SVHN ConvNets run through convnet.py and
+infer_convnet.py.
 """
 import json
 import sys
