@@ -350,4 +350,6 @@ if __name__ == "__main__":
     # bench.py and infer.py import binary_ops: let them find this module, run as a
     # script, rather than load a second copy (its ops can be registered only once).
     sys.modules["binary_ops"] = sys.modules[__name__]
+    import warnings  # a warning to the user in one line, as the training scripts print it
+    warnings.formatwarning = lambda message, *_, **__: f"binary_ops: warning: {message}\n"
     sys.exit(main())
