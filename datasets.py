@@ -500,7 +500,16 @@ def load_svhn(data_dir=None, download=True):
     y_train = np.concatenate([y_tr[~valid_tr], y_ex[~valid_ex]]) % 10
     y_valid = np.concatenate([y_tr[valid_tr], y_ex[valid_ex]]) % 10
     del X_tr, X_ex  # free the .mat arrays before reading test
+    return {"train": (X_train, y_train), "valid": (X_valid, y_valid), "test": _read_svhn_test(paths["test"])}
 
-    X_te, y_te = _read_svhn_mat(paths["test"])
-    X_test = _gather([(X_te, np.ones(len(y_te), dtype=bool))])
-    return {"train": (X_train, y_train), "valid": (X_valid, y_valid), "test": (X_test, y_te % 10)}
+
+def load_svhn_test(data_dir=None, download=True):
+    """SVHN's test split alone, as load_svhn gives it: what 1-bit inference needs,
+    without reading train and extra (about 2 GB)."""
+    return {"test": _read_svhn_test(_fetch("svhn", _SVHN["test"], data_dir, download))}
+
+
+def _read_svhn_test(path):
+    """test_32x32.mat (26,032 images) in file order, labels 10 -> 0."""
+    X_te, y_te = _read_svhn_mat(path)
+    return _gather([(X_te, np.ones(len(y_te), dtype=bool))]), y_te % 10

@@ -402,7 +402,7 @@ def load_test_set(dataset: str, data_dir, limit=None):
     N x 3 x 32 x 32 for the others); without a data folder, datasets' own
     cache (downloading if needed)."""
     import datasets
-    load = {"mnist": datasets.load_mnist, "cifar10": datasets.load_cifar10, "svhn": datasets.load_svhn}[dataset]
+    load = {"mnist": datasets.load_mnist, "cifar10": datasets.load_cifar10, "svhn": datasets.load_svhn_test}[dataset]
     try:
         X, y = load(data_dir, download=data_dir is None)["test"]
     except datasets.DataError as e:

@@ -539,3 +539,16 @@ def test_svhn_missing_file(tmp_path):
     with pytest.raises(DataError) as e:
         datasets.load_svhn(tmp_path)
     one_line_error(e, "extra_32x32.mat", "ufldl.stanford.edu", "--data-dir")
+
+
+def test_svhn_test_split_alone_equals_load_svhns_and_reads_only_its_file(svhn, tmp_path):
+    """1-bit inference reads SVHN's test split alone: the same arrays as load_svhn's,
+    from test_32x32.mat only (train and extra may be absent)."""
+    folder = write_svhn(tmp_path / "svhn")
+    (folder / "train_32x32.mat").unlink()
+    (folder / "extra_32x32.mat").unlink()
+    with pytest.warns(UserWarning, match="md5"):
+        alone = datasets.load_svhn_test(folder, download=False)
+    assert set(alone) == {"test"}
+    for a, b in zip(alone["test"], svhn["test"]):
+        np.testing.assert_array_equal(a, b)
