@@ -7,13 +7,12 @@ reproduces prediction for prediction.
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import binary_net
-from infer import BN_KEYS, PIXEL_SCALE, BatchNorm, Layer, ParameterError
+from infer import BN_KEYS, PIXEL_SCALE, Layer, ParameterError, float_size_bytes, read_layer
 
 BATCH = 50          # images per pass of both networks: see docs/results.md
 
@@ -41,9 +40,7 @@ class ConvNet:
         return ConvNet([c.to(device) for c in self.convs], [d.to(device) for d in self.dense])
 
     def float_bytes(self) -> int:
-        return sum(4 * t.numel() for layer in self.convs + self.dense
-                   for t in (layer.weight, layer.bias, layer.bn.gamma, layer.bn.beta,
-                             layer.bn.mean, layer.bn.inv_std))
+        return float_size_bytes(self.convs + self.dense)
 
 
 def centered_images(pixels: torch.Tensor) -> torch.Tensor:
@@ -156,24 +153,6 @@ def convnet_keys() -> set:
     return keys | {f"bn{i}.{p}" for i in range(1, N_CONVS + N_DENSE + 1) for p in BN_KEYS}
 
 
-def _block(arrays: dict, path, name: str, bn: int, shape: tuple):
-    """(weight, bias, BatchNorm) of one layer, shapes checked: one-line errors."""
-    weight = arrays[f"{name}.weight"]
-    if weight.shape != shape:
-        raise ParameterError(f"{path}: {name}.weight has shape {weight.shape}, expected {shape}")
-    vectors = {}
-    for key in [f"{name}.bias"] + [f"bn{bn}.{p}" for p in BN_KEYS]:
-        if arrays[key].shape != (shape[0],):
-            raise ParameterError(f"{path}: {key} has shape {arrays[key].shape}, expected ({shape[0]},)")
-        vectors[key] = arrays[key]
-    for key, value in [(f"{name}.weight", weight), *vectors.items()]:
-        if not np.issubdtype(value.dtype, np.floating):
-            raise ParameterError(f"{path}: {key} has dtype {value.dtype}, expected a float type")
-    t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in vectors.items()}
-    bn_ = BatchNorm(**{field: t[f"bn{bn}.{p}"] for p, field in BN_KEYS.items()})
-    return torch.as_tensor(weight, dtype=torch.float32), t[f"{name}.bias"], bn_
-
-
 def convnet_from_arrays(arrays: dict, path, size: int = INPUT_SIZE) -> ConvNet:
     """The ConvNet of cifar10.build_model from its state_dict arrays: conv1..6
     (a max-pool after conv2, conv4, conv6), dense1..3, bn1..9, for images of
@@ -185,15 +164,12 @@ def convnet_from_arrays(arrays: dict, path, size: int = INPUT_SIZE) -> ConvNet:
                              f"unexpected: {', '.join(extra) or 'none'})")
     convs, c_in = [], 3
     for i in range(1, N_CONVS + 1):
-        c_out = arrays[f"conv{i}.weight"].shape[0] if arrays[f"conv{i}.weight"].ndim else 0
-        convs.append(ConvLayer(*_block(arrays, path, f"conv{i}", i, (c_out, c_in, 3, 3)), pool=i % 2 == 0))
-        c_in, size = c_out, size // 2 if i % 2 == 0 else size
+        convs.append(ConvLayer(*read_layer(arrays, path, f"conv{i}", i, (None, c_in, 3, 3)), pool=i % 2 == 0))
+        c_in, size = convs[-1].weight.shape[0], size // 2 if i % 2 == 0 else size
     dense, n_in = [], c_in * size * size
     for j in range(1, N_DENSE + 1):
-        weight = arrays[f"dense{j}.weight"]
-        n_out = weight.shape[0] if weight.ndim == 2 else 0
-        dense.append(Layer(*_block(arrays, path, f"dense{j}", N_CONVS + j, (n_out, n_in))))
-        n_in = n_out
+        dense.append(Layer(*read_layer(arrays, path, f"dense{j}", N_CONVS + j, (None, n_in))))
+        n_in = dense[-1].weight.shape[0]
     return ConvNet(convs, dense)
 
 

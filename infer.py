@@ -116,6 +116,27 @@ def load_parameters(path) -> list[Layer]:
     return mlp_from_arrays(read_npz(path), path)
 
 
+def read_layer(arrays: dict, path, name: str, bn: int, shape: tuple):
+    """(weight, bias, BatchNorm) of layer `name` and its batch norm bn<bn>, float32,
+    shapes and types checked with one-line errors.  `shape` is the weight's, its first
+    dimension (the units) None where any count will do."""
+    weight = arrays[f"{name}.weight"]
+    if weight.ndim != len(shape) or any(want not in (None, got) for want, got in zip(shape, weight.shape)):
+        expected = "(" + ", ".join("units" if d is None else str(d) for d in shape) + ")"
+        raise ParameterError(f"{path}: {name}.weight has shape {weight.shape}, expected {expected}")
+    n_out, vectors = weight.shape[0], {}
+    for key in [f"{name}.bias"] + [f"bn{bn}.{p}" for p in BN_KEYS]:
+        if arrays[key].shape != (n_out,):
+            raise ParameterError(f"{path}: {key} has shape {arrays[key].shape}, expected ({n_out},)")
+        vectors[key] = arrays[key]
+    for key, value in [(f"{name}.weight", weight), *vectors.items()]:
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ParameterError(f"{path}: {key} has dtype {value.dtype}, expected a float type")
+    t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in vectors.items()}
+    bn_ = BatchNorm(**{field: t[f"bn{bn}.{p}"] for p, field in BN_KEYS.items()})
+    return torch.as_tensor(weight, dtype=torch.float32), t[f"{name}.bias"], bn_
+
+
 def mlp_from_arrays(arrays: dict, path) -> list[Layer]:
     """The MLP's layers from its state_dict arrays, shapes and types checked."""
     expected = {f"dense{i}.{p}" for i in range(1, N_LAYERS + 1) for p in ("weight", "bias")}
@@ -126,21 +147,8 @@ def mlp_from_arrays(arrays: dict, path) -> list[Layer]:
                              f"unexpected: {', '.join(extra) or 'none'})")
     layers, n_in = [], N_INPUTS
     for i in range(1, N_LAYERS + 1):
-        weight = arrays[f"dense{i}.weight"]
-        if weight.ndim != 2 or weight.shape[1] != n_in:
-            raise ParameterError(f"{path}: dense{i}.weight has shape {weight.shape}, expected (units, {n_in})")
-        n_out = weight.shape[0]
-        vectors = {}
-        for key in [f"dense{i}.bias"] + [f"bn{i}.{p}" for p in BN_KEYS]:
-            if arrays[key].shape != (n_out,):
-                raise ParameterError(f"{path}: {key} has shape {arrays[key].shape}, expected ({n_out},)")
-            vectors[key] = torch.as_tensor(arrays[key], dtype=torch.float32)
-        for key, value in arrays.items():
-            if key.startswith((f"dense{i}.", f"bn{i}.")) and not np.issubdtype(value.dtype, np.floating):
-                raise ParameterError(f"{path}: {key} has dtype {value.dtype}, expected a float type")
-        bn = BatchNorm(**{name: vectors[f"bn{i}.{p}"] for p, name in BN_KEYS.items()})
-        layers.append(Layer(torch.as_tensor(weight, dtype=torch.float32), vectors[f"dense{i}.bias"], bn))
-        n_in = n_out
+        layers.append(Layer(*read_layer(arrays, path, f"dense{i}", i, (None, n_in))))
+        n_in = layers[-1].weight.shape[0]
     return layers
 
 
@@ -321,7 +329,8 @@ class XnorMLP:
         return packed + thresholds + 5 * self.last_bias.numel() * 4
 
 
-def float_size_bytes(layers: list[Layer]) -> int:
+def float_size_bytes(layers: list) -> int:
+    """The parameters at 32 bits: weights, biases and batch norms (MLP or ConvNet layers)."""
     return sum(4 * t.numel() for layer in layers
                for t in (layer.weight, layer.bias, layer.bn.gamma, layer.bn.beta,
                          layer.bn.mean, layer.bn.inv_std))
