@@ -6,7 +6,6 @@ Also the timing helpers that --infer uses (time_ms, timed).
 """
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import binary_net
 from binary_ops import baseline_matmul, pack, xnor_matmul_packed
 from kernels import cpu as cpu_kernels
 from kernels import cuda as cuda_kernels
@@ -118,16 +118,6 @@ def bench_shape(device: str, m: int, k: int, n: int) -> list[dict]:
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_bench_table(rows: list[dict]) -> None:
     print(f"{'device':6} {'M':>6} {'K':>5} {'N':>5}  {'kernel':8} {'ms':>10} {'GOPS':>8} "
           f"{'vs blas':>8}  note")
@@ -146,7 +136,7 @@ def print_bench_table(rows: list[dict]) -> None:
 def run_bench(json_path, devices) -> int:
     lib = cpu_kernels.library()
     popcount = lib.bnn_popcount_kind().decode() if lib else "none (pure-PyTorch path)"
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; popcount: {popcount}; "
+    print(f"CPU: {binary_net.cpu_name()}, {torch.get_num_threads()} threads; popcount: {popcount}; "
           f"load average {os.getloadavg()[0]:.2f} (others' work skews the timings)")
     if lib is None and "cpu" in devices:
         print("binary_ops: error: the CPU benchmark needs the C kernels (no C compiler found)",

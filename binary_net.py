@@ -442,17 +442,22 @@ def save_parameters(model, path):
     _atomic_save(path, lambda f: np.savez(f, **state_to_numpy(model)))
 
 
-def device_name(device):
-    """The device in words, for the metrics: "cuda: NVIDIA H200", "cpu: AMD EPYC 9454"."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
+def cpu_name():
+    """The CPU's model name ("AMD EPYC 9454"): /proc/cpuinfo, else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         model = ""
-    return f"{device.type}: {model or platform.processor() or platform.machine() or 'unknown'}"
+    return model or platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device):
+    """The device in words, for the metrics: "cuda: NVIDIA H200", "cpu: AMD EPYC 9454"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {cpu_name()}"
 
 
 def train(model, optimizer, data, batch_size, LR_start, LR_fin, num_epochs, save_path=None,

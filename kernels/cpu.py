@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from kernels import words
+
 SOURCE = Path(__file__).with_name("xnor_cpu.c")
 COMMON_FLAGS = ["-O3", "-fPIC", "-pthread"]
 # The kernel objects on x86 (BNN_ISA: flags); each runs only where the CPU has
@@ -206,7 +208,7 @@ def threads() -> int:
 def pack(lib, x: torch.Tensor) -> torch.Tensor:
     """x: rows x K float32, contiguous.  Returns rows x ceil(K/64) int64 words."""
     rows, k = x.shape
-    out = torch.empty(rows, (k + 63) // 64, dtype=torch.int64)
+    out = torch.empty(rows, words(k), dtype=torch.int64)
     lib.bnn_pack(x.data_ptr(), out.data_ptr(), rows, k, threads())
     return out
 
@@ -214,7 +216,7 @@ def pack(lib, x: torch.Tensor) -> torch.Tensor:
 def pack_planes(lib, x: torch.Tensor) -> torch.Tensor:
     """x: rows x K uint8, contiguous.  Returns (8 rows) x ceil(K/64) words."""
     rows, k = x.shape
-    out = torch.empty(8 * rows, (k + 63) // 64, dtype=torch.int64)
+    out = torch.empty(8 * rows, words(k), dtype=torch.int64)
     lib.bnn_pack_planes(x.data_ptr(), out.data_ptr(), rows, k, threads())
     return out
 
