@@ -28,7 +28,12 @@
  *      kernel serves which class), and the dispatch: bnn_xnor_gemm takes the
  *      default, bnn_xnor_gemm_kernel the kernel it is given;
  *   3. the thread pool and the float baseline;
- *   4. the variants, each adding one thing to the one before:
+ *   4. the kernels of one object (one instruction set):
+ *      4.1 what every variant shares: packing, the bit-plane packing, the
+ *          arguments of a product (gemm_args), the popcount helpers, the
+ *          edge kernel, the epilogue, the blocking arithmetic;
+ *      4.2 - 4.6 the variants, each one block under its own #if, adding
+ *          one thing to the one before:
  *        scalar           4 x 4 register tiles of scalar popcounts, cache
  *                         blocking, the epilogue (popcnt, or NEON cnt)
  *        avx2             4 words per vector by a nibble lookup (vpshufb), B
@@ -38,7 +43,10 @@
  *                         vector, one add per set bit of a row of A, no XOR
  *        avx512           VPOPCNTDQ: 8 words per instruction, 4 x 2 tiles
  *        avx512-vertical  the vertical kernel on 512 lanes, VPTERNLOG carry-
- *                         save adders, VPOPCNTDQ row popcounts
+ *                         save adders, VPOPCNTDQ row popcounts (avx2-
+ *                         vertical's code, which holds both)
+ *      4.7 the driver (a block's tiles or planes, a task's blocks) and the
+ *          object's gemm entry, which dispatches to the variants.
  *
  * Parts and builds.  The file has two parts: the common one (sections 1 - 3)
  * and the kernels of one instruction set (section 4), named by BNN_ISA.
@@ -384,17 +392,18 @@ const char *bnn_popcount_kind(void)
  * next to PyTorch's.
  *
  * The threads are a pool, started at first use and kept: creating threads
- * per call cost ~35 us, and worse, on a busy machine a new thread may wait
- * milliseconds for a core, which made the median of a 1 ms GEMM 2-3x its
- * best time.  After a job a pool thread spins (pause) for up to SPIN_NS
- * watching for the next one, so back-to-back calls (the layers of a
- * network, a benchmark loop) find it running; then it sleeps on a condition
- * variable.  Jobs are numbered (generation); a pool thread reads the job,
- * its number and whether it takes part under the lock, so one that slept
- * through a job simply joins the current one.  The caller waits for the
- * participants' "finished" count before returning (the job lives on its
- * stack).  Calls from several threads of the process take turns (call_lock);
- * a forked child starts with an empty pool.
+ * per call costs time, and worse, on a busy machine a new thread may wait
+ * milliseconds for a core, which made the median of a short GEMM a
+ * multiple of its best time (docs/cpu_kernels.md).  After a job a pool
+ * thread spins (pause) for up to SPIN_NS watching for the next one, so
+ * back-to-back calls (the layers of a network, a benchmark loop) find it
+ * running; then it sleeps on a condition variable.  Jobs are numbered
+ * (generation); a pool thread reads the job, its number and whether it
+ * takes part under the lock, so one that slept through a job simply joins
+ * the current one.  The caller waits for the participants' "finished"
+ * count before returning (the job lives on its stack).  Calls from several
+ * threads of the process take turns (call_lock); a forked child starts
+ * with an empty pool.
  * ------------------------------------------------------------------------ */
 #define MAX_THREADS 256
 #define SPIN_NS 2000000L        /* 2 ms */
@@ -576,6 +585,9 @@ void bnn_baseline_gemm(const float *a, const float *b, float *c,
  * it; a plain build takes the best its flags allow).  Exported as
  * bnn_<isa>_gemm, bnn_<isa>_pack, bnn_<isa>_pack_planes, with the CPU
  * features the object needs (bnn_<isa>_needs) and its popcount's name.
+ * An object compiles the shared part (4.1), the variants its instruction
+ * set has (scalar: 4.2; avx2: 4.3, 4.4; avx512: 4.5, 4.6 and, of 4.3, the
+ * word loads and transpose the vertical kernel uses) and the driver (4.7).
  * ===================================================================== */
 #if !defined(BNN_ISA)
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
@@ -652,8 +664,11 @@ const char ISA_FN(popcount)[] =
 #endif
     ;
 
-
-
+/* ========================================================================
+ * 4.1 What every variant shares: packing, the bit-plane packing, the
+ * arguments of a product (gemm_args), the popcount helpers, the edge
+ * kernel and the epilogue, the blocking arithmetic.
+ * ===================================================================== */
 /* ------------------------------------------------------------------------
  * Packing.  One task packs a block of rows.  With AVX2 a compare and a
  * movemask turn 8 floats into 8 bits at once; the tail of a row (K % 8)
@@ -769,34 +784,9 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  *
  * Register tiling: the micro-kernel computes an MR x NR block of popcount
  * sums while it walks the K words of MR rows of A and NR rows of B, so each
- * loaded word serves NR (or MR) pairs.  One of three micro-kernels is
- * compiled, by the instruction set of the object:
- *   - AVX-512 VPOPCNTDQ, 4 x 2: xor and popcount 8 words per instruction,
- *     64-bit sums in 8 zmm registers;
- *   - AVX2, 4 x 8: popcount 4 words at a time by a 16-entry nibble table
- *     (vpshufb on the low and the high 4 bits of each byte), byte counts
- *     summed for up to 31 steps (31 * 8 < 256) before vpsadbw widens them.
- *     The vector pipes do 4 word pairs in ~8 ops where popcnt needs 12,
- *     and in 6 over copies of A and B split into their low and high
- *     nibbles ("nibble form", at the tile kernel).
- *     The 4 words of a vector are not 4 consecutive words of one row but
- *     word k of 4 rows of B (B interleaved in its copy), against word k
- *     of a row of A broadcast: every lane is its own pair, so there is no
- *     horizontal sum per pair and no partial vector at the end of a row
- *     (K = 784 bits is 13 steps).
- *     From HS_MIN_WORDS words on, a Harley-Seal variant counts 4 steps
- *     with 3 carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8
- *     tile that keeps all its counters in registers, over copies of A and
- *     B in "pair form" that save one op in seven.
- *     The vertical kernels (vert_steps, avx2-vertical and avx512-vertical)
- *     are kernels of their own: they count pop(a & b) for 256 or 512 rows of
- *     B at once, one bit of a vector each, over B transposed, adding one
- *     vector per set bit of a row of A: no XOR, at most K / 2 steps.
- *     What was tried and dropped: docs/cpu_kernels.md.
- *   - otherwise scalar __builtin_popcountll (popcnt on x86, NEON cnt on
- *     AArch64), 4 x 4: three integer ops per word pair (xor, popcnt, add).
- * The AVX-512 kernel reads the last partial vector of a row with a masked
- * load, so any K runs through it.
+ * loaded word serves NR (or MR) pairs.  Each variant has its own
+ * micro-kernel and MR x NR tile (4.2 - 4.5), compiled by the instruction
+ * set of the object; the vertical kernels (4.4, 4.6) count another way.
  *
  * Cache blocking: the output is cut into blocks of MB rows of A by NB rows
  * of B, one task each (the tile kernel's tasks take a run of blocks, see
@@ -847,23 +837,10 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  *     word belongs to one task.
  * A large output is first advised onto huge pages (advise_huge_pages).
  * ------------------------------------------------------------------------ */
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-#define MR 4
-#define NR 2
-#elif defined(__AVX2__)
-#define MR 4
-#define NR 8
-#define INTERLEAVED_B 1         /* the AVX2 tile kernel reads B interleaved */
-#else
-#define MR 4
-#define NR 4
-#endif
-#if defined(__AVX2__)
-#define VERTICAL_KERNEL 1       /* 256 lanes with AVX2, 512 with AVX-512 */
-#endif
 #define MB 32
 #define NB 128
 #define KC 124                /* words: at most BYTE_STEPS groups of 4 (Harley-Seal kernel) */
+#define PLANES 8
 
 typedef struct {
     const word_t *a, *b;
@@ -950,6 +927,179 @@ static inline void store_tile(int32_t *c, long ldc, int i, int j, long sum, int 
     c[i * ldc + j] = (int32_t)(first ? sum : c[i * ldc + j] + sum);
 }
 
+/* The same sums for a tile cut short by the edge of the block. */
+static void edge_kernel(const word_t *a, const word_t *b, long ld, long n,
+                        int32_t *c, long ldc, long mr, long nr, int first, int32_t base)
+{
+    for (long i = 0; i < mr; i++)
+        for (long j = 0; j < nr; j++) {
+            long pop = popcount_xor(a + i * ld, b + j * ld, n);
+            if (base != 0)              /* a dot product, into the output (g->direct) */
+                c[i * ldc + j] = base - 2 * (int32_t)pop;
+            else
+                store_tile(c, ldc, (int)i, (int)j, pop, first);
+        }
+}
+
+/* Dot product from a weighted popcount (see "Bit planes" above): the
+ * constant (2^planes - 1) K minus twice the popcount, in int32 like the
+ * output (the caller keeps 255 K < 2^31). */
+static inline int32_t dot_base(const gemm_args *g)
+{
+    return (int32_t)(((1L << g->planes) - 1) * g->k);
+}
+
+/* 64 (or, at the right edge, n <= 64) threshold tests packed into a word:
+ * bit j is set where base - 2 pop[j] >= threshold[j].  With AVX2, 8 tests
+ * per compare, collected by movemask (the test is !(threshold > dot), so
+ * no threshold value can overflow). */
+static word_t fire_word(int32_t base, const int32_t *pop, const int32_t *threshold, long n)
+{
+    word_t w = 0;
+    long j = 0;
+#if defined(__AVX2__)
+    const __m256i vbase = _mm256_set1_epi32(base);
+    for (; j + 8 <= n; j += 8) {
+        __m256i p = _mm256_loadu_si256((const __m256i *)(pop + j));
+        __m256i dot = _mm256_sub_epi32(vbase, _mm256_add_epi32(p, p));
+        __m256i below = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(threshold + j)), dot);
+        unsigned bits = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(below)) & 0xffu;
+        w |= (word_t)bits << j;
+    }
+#endif
+    for (; j < n; j++)
+        w |= (word_t)(base - 2 * pop[j] >= threshold[j]) << j;
+    return w;
+}
+
+/* Rows r0 .. r1 - 1 and columns n0 .. n1 - 1 of the output, from the
+ * block's weighted popcounts (row-major, NB per row). */
+static void epilogue(const gemm_args *g, const int32_t *pop,
+                     long r0, long r1, long n0, long n1)
+{
+    long n_words = (g->n + 63) / 64;
+    int32_t base = dot_base(g);
+    for (long r = r0; r < r1; r++) {
+        const int32_t *p = pop + (r - r0) * NB - n0;
+        if (g->threshold == NULL) {
+            int32_t *c = (int32_t *)g->out + r * g->n;
+            long j = n0;
+#if defined(__AVX2__)
+            if (g->stream && (uintptr_t)(c + j) % 32 == 0) {
+                const __m256i vbase = _mm256_set1_epi32(base);
+                for (; j + 8 <= n1; j += 8) {
+                    __m256i pj = _mm256_loadu_si256((const __m256i *)(p + j));
+                    _mm256_stream_si256((__m256i *)(c + j),
+                                        _mm256_sub_epi32(vbase, _mm256_add_epi32(pj, pj)));
+                }
+            }
+#endif
+            for (; j < n1; j++)                 /* vectorized by gcc */
+                c[j] = base - 2 * p[j];
+            continue;
+        }
+        word_t *c = (word_t *)g->out + r * n_words;
+        for (long j0 = n0; j0 < n1; j0 += 64)
+            c[j0 / 64] = fire_word(base, p + j0, g->threshold + j0, n1 - j0 < 64 ? n1 - j0 : 64);
+    }
+}
+
+#if defined(__AVX2__)          /* the avx2 and avx512 objects */
+/* How many blocks of A a task takes against its panel of B, where a run
+ * of blocks pays (the tile kernel's panel copy, the bit planes' reuse of
+ * pixel rows): enough to leave about 8 tasks a thread, at most `most`.
+ * (The vertical kernel asks it for rows of A against one "panel", all of
+ * B, at most MB.)
+ * Tile kernel: runs of at most RUN_BLOCKS, whose rows of A (at most
+ * 248 KiB in nibble form) stay in L2 while the panel is in L1. */
+#define RUN_BLOCKS 16
+/* Bit planes: runs of 4 blocks, 16 images, whose pixel rows (13 KiB at
+ * K = 784) stay in L1 while each pair of mask rows, read from L2, serves
+ * all of them.  The run's images share the task's MB x NB scratch block,
+ * one row each. */
+#define PLANE_RUN_BLOCKS 4
+_Static_assert(PLANE_RUN_BLOCKS * MB / PLANES <= MB, "a run's images fit the scratch block");
+static long blocks_per_task(long m_blocks, long panels, int n_threads, long most)
+{
+    long tasks = 8L * (n_threads > 1 ? n_threads : 1);
+    long run = (m_blocks * panels + tasks - 1) / tasks;
+    run = run < m_blocks ? run : m_blocks;
+    return run < 1 ? 1 : run < most ? run : most;
+}
+#endif
+
+/* ========================================================================
+ * 4.2 scalar: the first variant, which the others build on: 4 x 4
+ * register tiles of scalar popcounts (__builtin_popcountll: popcnt on
+ * x86, NEON cnt on AArch64), three integer ops per word pair (xor,
+ * popcnt, add), cache blocking and the epilogue (4.1); the plane kernel
+ * one plane after the other.  The object with neither AVX2 nor AVX-512
+ * VPOPCNTDQ (kernels/cpu.py's scalar object, or a portable build).
+ * ===================================================================== */
+#if !(defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)) && !defined(__AVX2__)
+#define MR 4
+#define NR 4
+
+/* MR x NR popcount sums over n words: the register-tiled micro-kernel.
+ * Kept out of line so that its registers are not shared with the loops of
+ * the caller. */
+__attribute__((noinline))
+static void micro_kernel(const word_t *a, const word_t *b, long ld, long n,
+                         int32_t *c, long ldc, int first)
+{
+    long sum[MR][NR] = {{0}};
+    for (long k = 0; k < n; k++) {
+        word_t ak[MR];
+        for (int i = 0; i < MR; i++)
+            ak[i] = a[i * ld + k];
+        for (int j = 0; j < NR; j++) {
+            word_t bk = b[j * ld + k];
+            for (int i = 0; i < MR; i++)
+                sum[i][j] += popcount_word(ak[i] ^ bk);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++)
+            store_tile(c, ldc, i, j, sum[i][j], first);
+}
+
+/* sum_p 2^p popcount(a_p XOR b) over n words, a_p = a + p * ld, p < 8:
+ * the plane kernel. */
+__attribute__((noinline))
+static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
+{
+    long sum = 0;
+    for (int p = 0; p < PLANES; p++)
+        sum += popcount_xor(a + p * ld, b, n) << p;
+    return sum;
+}
+
+#endif
+
+/* ========================================================================
+ * 4.3 avx2, over scalar: 4 words per vector by a nibble lookup (vpshufb)
+ * on 4 x 8 tiles, B interleaved; Harley-Seal carry-save adders on long
+ * rows; bit planes as bytes (vpsadbw).
+ *
+ * The tile kernel popcounts 4 words at a time by a 16-entry nibble table
+ * (vpshufb on the low and the high 4 bits of each byte), byte counts
+ * summed for up to 31 steps (31 * 8 < 256) before vpsadbw widens them.
+ * The vector pipes do 4 word pairs in ~8 ops where popcnt needs 12, and
+ * in 6 over copies of A and B split into their low and high nibbles
+ * ("nibble form", at the tile kernel).
+ * The 4 words of a vector are not 4 consecutive words of one row but
+ * word k of 4 rows of B (B interleaved in its copy), against word k of a
+ * row of A broadcast: every lane is its own pair, so there is no
+ * horizontal sum per pair and no partial vector at the end of a row
+ * (K = 784 bits is 13 steps).
+ * From HS_MIN_WORDS words on, a Harley-Seal variant counts 4 steps with 3
+ * carry-save adders and 1 lookup (micro_kernel_hs), on a 1 x 8 tile that
+ * keeps all its counters in registers, over copies of A and B in "pair
+ * form" that save one op in seven.
+ * What was tried and dropped: docs/cpu_kernels.md.
+ * ===================================================================== */
+/* Word loads and the 4 x 4 word transpose: also the vertical kernels'
+ * (4.4), in the avx512 object too. */
 #if defined(__AVX2__)
 static inline __m256i load_4_words(const word_t *p)
 {
@@ -970,43 +1120,10 @@ static inline void transpose_4x4_words(const __m256i r[4], __m256i out[4])
 
 #endif
 
-/* MR x NR popcount sums over n words: the register-tiled micro-kernel.
- * Kept out of line so that its registers are not shared with the loops of
- * the caller. */
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-
-static inline __m512i load_8_words(const word_t *p, long k, long n)
-{
-    if (k + 8 <= n)
-        return _mm512_loadu_si512(p + k);
-    return _mm512_maskz_loadu_epi64((__mmask8)((1u << (n - k)) - 1), p + k);
-}
-
-__attribute__((noinline))
-static void micro_kernel(const word_t *a, const word_t *b, long ld, long n,
-                         int32_t *c, long ldc, int first)
-{
-    __m512i sum[MR][NR];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++)
-            sum[i][j] = _mm512_setzero_si512();
-    for (long k = 0; k < n; k += 8) {
-        __m512i av[MR];
-        for (int i = 0; i < MR; i++)
-            av[i] = load_8_words(a + i * ld, k, n);
-        for (int j = 0; j < NR; j++) {
-            __m512i bv = load_8_words(b + j * ld, k, n);
-            for (int i = 0; i < MR; i++)
-                sum[i][j] = _mm512_add_epi64(sum[i][j],
-                                             _mm512_popcnt_epi64(_mm512_xor_si512(av[i], bv)));
-        }
-    }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++)
-            store_tile(c, ldc, i, j, _mm512_reduce_add_epi64(sum[i][j]), first);
-}
-
-#elif defined(__AVX2__)
+#if defined(__AVX2__) && !(defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__))
+#define MR 4
+#define NR 8
+#define INTERLEAVED_B 1         /* the AVX2 tile kernel reads B interleaved */
 
 /* Bits set in each value 0 .. 15, in both 128-bit halves (vpshufb looks
  * up within each half). */
@@ -1222,219 +1339,6 @@ static void micro_kernel_hs(const word_t *a, const word_t *b4, long group_stride
     store_row(sum[0], sum[1], c, first, 0);
 }
 
-#else
-
-__attribute__((noinline))
-static void micro_kernel(const word_t *a, const word_t *b, long ld, long n,
-                         int32_t *c, long ldc, int first)
-{
-    long sum[MR][NR] = {{0}};
-    for (long k = 0; k < n; k++) {
-        word_t ak[MR];
-        for (int i = 0; i < MR; i++)
-            ak[i] = a[i * ld + k];
-        for (int j = 0; j < NR; j++) {
-            word_t bk = b[j * ld + k];
-            for (int i = 0; i < MR; i++)
-                sum[i][j] += popcount_word(ak[i] ^ bk);
-        }
-    }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++)
-            store_tile(c, ldc, i, j, sum[i][j], first);
-}
-
-#endif
-
-/* sum_p 2^p popcount(a_p XOR b) over n words, a_p = a + p * ld, p < 8:
- * the plane kernel. */
-#define PLANES 8
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-
-__attribute__((noinline))
-static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
-{
-    __m512i sum = _mm512_setzero_si512();
-    for (long k = 0; k < n; k += 8) {
-        __m512i bv = load_8_words(b, k, n);
-        for (int p = 0; p < PLANES; p++) {
-            __m512i x = _mm512_xor_si512(load_8_words(a + p * ld, k, n), bv);
-            sum = _mm512_add_epi64(sum, _mm512_slli_epi64(_mm512_popcnt_epi64(x), p));
-        }
-    }
-    return _mm512_reduce_add_epi64(sum);
-}
-
-#elif defined(__AVX2__)
-
-__attribute__((noinline))
-static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
-{
-    long n4 = n & ~3L, tail = 0;
-    __m256i sum = _mm256_setzero_si256();
-    for (long k = 0; k < n4;) {
-        long stop = k + 4 * BYTE_STEPS < n4 ? k + 4 * BYTE_STEPS : n4;
-        __m256i bytes[PLANES];
-        for (int p = 0; p < PLANES; p++)
-            bytes[p] = _mm256_setzero_si256();
-        for (; k < stop; k += 4) {
-            __m256i bv = load_4_words(b + k);
-            for (int p = 0; p < PLANES; p++)
-                bytes[p] = add_byte_popcounts(bytes[p],
-                                              _mm256_xor_si256(load_4_words(a + p * ld + k), bv));
-        }
-        for (int p = 0; p < PLANES; p++) {
-            __m256i widened = _mm256_sad_epu8(bytes[p], _mm256_setzero_si256());
-            sum = _mm256_add_epi64(sum, _mm256_slli_epi64(widened, p));
-        }
-    }
-    for (int p = 0; p < PLANES; p++)
-        tail += popcount_xor(a + p * ld + n4, b + n4, n - n4) << p;
-    return horizontal_sum(sum) + tail;
-}
-
-/* The byte-sliced plane kernel.  Over bit planes, bit k of the 8 planes
- * x_p = a_p XOR b, weighted 2^p, is the byte  pixel_k XOR (b_k ? 0xff : 0):
- * XOR with 0xff flips all 8 planes of the pixel at once.  So with the
- * image's 8 planes put back together into pixel bytes, and the bits of B
- * spread to byte masks (both once per call: byte_planes_and_masks), the
- * weighted popcount P = sum_p 2^p popcount(a_p XOR b) is a sum of bytes of
- * pixels XOR masks, which vpsadbw adds 32 at a time, against 8 word pairs
- * (2 vector steps of 8 ops) on separate planes.  Same bits, same XOR, same
- * count: only the order in which the bits are added changes.  The XOR
- * itself is folded into vpsadbw, which sums |pixel - mask| bytes: that is
- * the pixel where the mask is 0 and 255 - pixel = pixel XOR 0xff where it
- * is 0xff, so a vpsadbw and an add per 32 pixels and row of B.
- * The kernel takes 4 images x 2 rows of B (8 sums in 64-bit lanes): the
- * pixel rows of the task's images stay in L1 and each mask vector, read
- * from L2, serves 4 images.  Rows of bytes are padded with zeros to the 64
- * bytes of a word, which add 0; the buffers are 64-byte aligned, so no
- * load crosses a cache line.  Registers: gcc 12 kept only one vector of
- * the step in a register and loaded every pixel vector twice (16 loads a
- * step instead of 6, and 8 xors); with the step's 6 vectors loaded first
- * and the empty asms that pin the masks and each pair of sums (as in the
- * tile kernel) the step keeps 6 loads (cycles: docs/cpu_kernels.md). */
-__attribute__((noinline))
-static void byte_plane_kernel(const uint8_t *const px[4], const uint8_t *m0, const uint8_t *m1,
-                              long nbytes, long out[4][2])
-{
-    __m256i s[4][2];
-    for (int i = 0; i < 4; i++)
-        s[i][0] = s[i][1] = _mm256_setzero_si256();
-    for (long t = 0; t < nbytes; t += 32) {
-        __m256i mv0 = _mm256_load_si256((const __m256i *)(m0 + t));
-        __m256i mv1 = _mm256_load_si256((const __m256i *)(m1 + t));
-        __m256i x[4];
-        for (int i = 0; i < 4; i++)
-            x[i] = _mm256_load_si256((const __m256i *)(px[i] + t));
-        __asm__("" : "+x"(mv0), "+x"(mv1));
-        for (int i = 0; i < 4; i++) {
-            __m256i s0 = _mm256_add_epi64(s[i][0], _mm256_sad_epu8(x[i], mv0));
-            __m256i s1 = _mm256_add_epi64(s[i][1], _mm256_sad_epu8(x[i], mv1));
-            __asm__("" : "+x"(s0), "+x"(s1));
-            s[i][0] = s0;
-            s[i][1] = s1;
-        }
-    }
-    for (int i = 0; i < 4; i++) {
-        out[i][0] = horizontal_sum(s[i][0]);
-        out[i][1] = horizontal_sum(s[i][1]);
-    }
-}
-
-#define BYTE_PLANES 1
-
-#else
-
-__attribute__((noinline))
-static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
-{
-    long sum = 0;
-    for (int p = 0; p < PLANES; p++)
-        sum += popcount_xor(a + p * ld, b, n) << p;
-    return sum;
-}
-
-#endif
-
-/* The same sums for a tile cut short by the edge of the block. */
-static void edge_kernel(const word_t *a, const word_t *b, long ld, long n,
-                        int32_t *c, long ldc, long mr, long nr, int first, int32_t base)
-{
-    for (long i = 0; i < mr; i++)
-        for (long j = 0; j < nr; j++) {
-            long pop = popcount_xor(a + i * ld, b + j * ld, n);
-            if (base != 0)              /* a dot product, into the output (g->direct) */
-                c[i * ldc + j] = base - 2 * (int32_t)pop;
-            else
-                store_tile(c, ldc, (int)i, (int)j, pop, first);
-        }
-}
-
-/* Dot product from a weighted popcount (see "Bit planes" above): the
- * constant (2^planes - 1) K minus twice the popcount, in int32 like the
- * output (the caller keeps 255 K < 2^31). */
-static inline int32_t dot_base(const gemm_args *g)
-{
-    return (int32_t)(((1L << g->planes) - 1) * g->k);
-}
-
-/* 64 (or, at the right edge, n <= 64) threshold tests packed into a word:
- * bit j is set where base - 2 pop[j] >= threshold[j].  With AVX2, 8 tests
- * per compare, collected by movemask (the test is !(threshold > dot), so
- * no threshold value can overflow). */
-static word_t fire_word(int32_t base, const int32_t *pop, const int32_t *threshold, long n)
-{
-    word_t w = 0;
-    long j = 0;
-#if defined(__AVX2__)
-    const __m256i vbase = _mm256_set1_epi32(base);
-    for (; j + 8 <= n; j += 8) {
-        __m256i p = _mm256_loadu_si256((const __m256i *)(pop + j));
-        __m256i dot = _mm256_sub_epi32(vbase, _mm256_add_epi32(p, p));
-        __m256i below = _mm256_cmpgt_epi32(_mm256_loadu_si256((const __m256i *)(threshold + j)), dot);
-        unsigned bits = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(below)) & 0xffu;
-        w |= (word_t)bits << j;
-    }
-#endif
-    for (; j < n; j++)
-        w |= (word_t)(base - 2 * pop[j] >= threshold[j]) << j;
-    return w;
-}
-
-/* Rows r0 .. r1 - 1 and columns n0 .. n1 - 1 of the output, from the
- * block's weighted popcounts (row-major, NB per row). */
-static void epilogue(const gemm_args *g, const int32_t *pop,
-                     long r0, long r1, long n0, long n1)
-{
-    long n_words = (g->n + 63) / 64;
-    int32_t base = dot_base(g);
-    for (long r = r0; r < r1; r++) {
-        const int32_t *p = pop + (r - r0) * NB - n0;
-        if (g->threshold == NULL) {
-            int32_t *c = (int32_t *)g->out + r * g->n;
-            long j = n0;
-#if defined(__AVX2__)
-            if (g->stream && (uintptr_t)(c + j) % 32 == 0) {
-                const __m256i vbase = _mm256_set1_epi32(base);
-                for (; j + 8 <= n1; j += 8) {
-                    __m256i pj = _mm256_loadu_si256((const __m256i *)(p + j));
-                    _mm256_stream_si256((__m256i *)(c + j),
-                                        _mm256_sub_epi32(vbase, _mm256_add_epi32(pj, pj)));
-                }
-            }
-#endif
-            for (; j < n1; j++)                 /* vectorized by gcc */
-                c[j] = base - 2 * p[j];
-            continue;
-        }
-        word_t *c = (word_t *)g->out + r * n_words;
-        for (long j0 = n0; j0 < n1; j0 += 64)
-            c[j0 / 64] = fire_word(base, p + j0, g->threshold + j0, n1 - j0 < 64 ? n1 - j0 : 64);
-    }
-}
-
-#if defined(INTERLEAVED_B)
 /* The AVX2 kernels' copies of the operands (layouts at the two kernels),
  * made once per call in parallel: for rows of HS_MIN_WORDS words or more,
  * A (m x kw words) row by row and B (n x kw words) interleaved by groups
@@ -1571,9 +1475,6 @@ static const word_t *copy_panel_nibbles(const gemm_args *g, long n0, long n1)
     return panel_buffer;
 }
 
-#endif
-
-#if defined(INTERLEAVED_B)
 /* One K slice of a block by the Harley-Seal kernel: panel by panel of 8
  * rows of B (kept in L1 while every row of the block's A passes), then the
  * last n % 8 columns by the edge kernel. */
@@ -1589,35 +1490,167 @@ static void tile_block_hs(const gemm_args *g, int32_t *pop, long m0, long m1,
         edge_kernel(g->a + m0 * kw + k0, g->b + j * kw + k0, kw, kc, pop + (j - n0), NB,
                     m1 - m0, n1 - j, k0 == 0, 0);
 }
-#endif
 
-#if defined(INTERLEAVED_B) || defined(BYTE_PLANES) || defined(VERTICAL_KERNEL)
-/* How many blocks of A a task takes against its panel of B, where a run
- * of blocks pays (the tile kernel's panel copy, the bit planes' reuse of
- * pixel rows): enough to leave about 8 tasks a thread, at most `most`.
- * (The vertical kernel asks it for rows of A against one "panel", all of
- * B, at most MB.)
- * Tile kernel: runs of at most RUN_BLOCKS, whose rows of A (at most
- * 248 KiB in nibble form) stay in L2 while the panel is in L1. */
-#define RUN_BLOCKS 16
-/* Bit planes: runs of 4 blocks, 16 images, whose pixel rows (13 KiB at
- * K = 784) stay in L1 while each pair of mask rows, read from L2, serves
- * all of them.  The run's images share the task's MB x NB scratch block,
- * one row each. */
-#define PLANE_RUN_BLOCKS 4
-_Static_assert(PLANE_RUN_BLOCKS * MB / PLANES <= MB, "a run's images fit the scratch block");
-static long blocks_per_task(long m_blocks, long panels, int n_threads, long most)
+__attribute__((noinline))
+static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
 {
-    long tasks = 8L * (n_threads > 1 ? n_threads : 1);
-    long run = (m_blocks * panels + tasks - 1) / tasks;
-    run = run < m_blocks ? run : m_blocks;
-    return run < 1 ? 1 : run < most ? run : most;
+    long n4 = n & ~3L, tail = 0;
+    __m256i sum = _mm256_setzero_si256();
+    for (long k = 0; k < n4;) {
+        long stop = k + 4 * BYTE_STEPS < n4 ? k + 4 * BYTE_STEPS : n4;
+        __m256i bytes[PLANES];
+        for (int p = 0; p < PLANES; p++)
+            bytes[p] = _mm256_setzero_si256();
+        for (; k < stop; k += 4) {
+            __m256i bv = load_4_words(b + k);
+            for (int p = 0; p < PLANES; p++)
+                bytes[p] = add_byte_popcounts(bytes[p],
+                                              _mm256_xor_si256(load_4_words(a + p * ld + k), bv));
+        }
+        for (int p = 0; p < PLANES; p++) {
+            __m256i widened = _mm256_sad_epu8(bytes[p], _mm256_setzero_si256());
+            sum = _mm256_add_epi64(sum, _mm256_slli_epi64(widened, p));
+        }
+    }
+    for (int p = 0; p < PLANES; p++)
+        tail += popcount_xor(a + p * ld + n4, b + n4, n - n4) << p;
+    return horizontal_sum(sum) + tail;
+}
+
+/* The byte-sliced plane kernel.  Over bit planes, bit k of the 8 planes
+ * x_p = a_p XOR b, weighted 2^p, is the byte  pixel_k XOR (b_k ? 0xff : 0):
+ * XOR with 0xff flips all 8 planes of the pixel at once.  So with the
+ * image's 8 planes put back together into pixel bytes, and the bits of B
+ * spread to byte masks (both once per call: byte_planes_and_masks), the
+ * weighted popcount P = sum_p 2^p popcount(a_p XOR b) is a sum of bytes of
+ * pixels XOR masks, which vpsadbw adds 32 at a time, against 8 word pairs
+ * (2 vector steps of 8 ops) on separate planes.  Same bits, same XOR, same
+ * count: only the order in which the bits are added changes.  The XOR
+ * itself is folded into vpsadbw, which sums |pixel - mask| bytes: that is
+ * the pixel where the mask is 0 and 255 - pixel = pixel XOR 0xff where it
+ * is 0xff, so a vpsadbw and an add per 32 pixels and row of B.
+ * The kernel takes 4 images x 2 rows of B (8 sums in 64-bit lanes): the
+ * pixel rows of the task's images stay in L1 and each mask vector, read
+ * from L2, serves 4 images.  Rows of bytes are padded with zeros to the 64
+ * bytes of a word, which add 0; the buffers are 64-byte aligned, so no
+ * load crosses a cache line.  Registers: gcc 12 kept only one vector of
+ * the step in a register and loaded every pixel vector twice (16 loads a
+ * step instead of 6, and 8 xors); with the step's 6 vectors loaded first
+ * and the empty asms that pin the masks and each pair of sums (as in the
+ * tile kernel) the step keeps 6 loads (cycles: docs/cpu_kernels.md). */
+__attribute__((noinline))
+static void byte_plane_kernel(const uint8_t *const px[4], const uint8_t *m0, const uint8_t *m1,
+                              long nbytes, long out[4][2])
+{
+    __m256i s[4][2];
+    for (int i = 0; i < 4; i++)
+        s[i][0] = s[i][1] = _mm256_setzero_si256();
+    for (long t = 0; t < nbytes; t += 32) {
+        __m256i mv0 = _mm256_load_si256((const __m256i *)(m0 + t));
+        __m256i mv1 = _mm256_load_si256((const __m256i *)(m1 + t));
+        __m256i x[4];
+        for (int i = 0; i < 4; i++)
+            x[i] = _mm256_load_si256((const __m256i *)(px[i] + t));
+        __asm__("" : "+x"(mv0), "+x"(mv1));
+        for (int i = 0; i < 4; i++) {
+            __m256i s0 = _mm256_add_epi64(s[i][0], _mm256_sad_epu8(x[i], mv0));
+            __m256i s1 = _mm256_add_epi64(s[i][1], _mm256_sad_epu8(x[i], mv1));
+            __asm__("" : "+x"(s0), "+x"(s1));
+            s[i][0] = s0;
+            s[i][1] = s1;
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        out[i][0] = horizontal_sum(s[i][0]);
+        out[i][1] = horizontal_sum(s[i][1]);
+    }
+}
+
+#define BYTE_PLANES 1
+
+/* The byte buffers of the byte-sliced plane kernel: image r's pixel bytes
+ * (byte 64 k + t = sum_p 2^p bit t of plane word a[8 r + p][k]) and row j
+ * of B as masks (0xff where bit t of b[j][k] is set, else 0), kw * 64 bytes
+ * a row.  spread[v] has byte t = bit t of v. */
+static uint64_t spread[256];
+static pthread_once_t spread_once = PTHREAD_ONCE_INIT;
+
+static void init_spread(void)
+{
+    for (int v = 0; v < 256; v++) {
+        uint64_t x = 0;
+        for (int t = 0; t < 8; t++)
+            x |= (uint64_t)((v >> t) & 1) << (8 * t);
+        spread[v] = x;
+    }
+}
+
+typedef struct {
+    const word_t *a, *b;
+    uint8_t *pixels, *masks;
+    long images, n, kw;
+} bytes_args;
+
+#define BYTE_ROWS_PER_TASK 64
+
+static void store_bytes(uint8_t *out, uint64_t x)
+{
+    for (int t = 0; t < 8; t++)
+        out[t] = (uint8_t)(x >> (8 * t));
+}
+
+static void bytes_task(const void *ctx, long task)
+{
+    const bytes_args *p = (const bytes_args *)ctx;
+    long row0 = task * BYTE_ROWS_PER_TASK, rows = p->images + p->n;
+    for (long r = row0; r < row0 + BYTE_ROWS_PER_TASK && r < rows; r++) {
+        for (long k = 0; k < p->kw; k++)
+            for (int q = 0; q < 8; q++) {
+                uint64_t x = 0;
+                if (r < p->images) {          /* an image: 8 planes into bytes */
+                    for (int pl = 0; pl < PLANES; pl++)
+                        x |= spread[(p->a[(PLANES * r + pl) * p->kw + k] >> (8 * q)) & 0xff] << pl;
+                    store_bytes(p->pixels + r * p->kw * 64 + 64 * k + 8 * q, x);
+                } else {                      /* a row of B: bits into 0 / 0xff */
+                    long j = r - p->images;
+                    x = spread[(p->b[j * p->kw + k] >> (8 * q)) & 0xff] * 0xff;
+                    store_bytes(p->masks + j * p->kw * 64 + 64 * k + 8 * q, x);
+                }
+            }
+    }
+}
+
+/* Both buffers, or neither (out of memory: the plane kernel runs instead). */
+static int byte_planes_and_masks(const word_t *a, const word_t *b, long images, long n, long kw,
+                                 uint8_t **pixels, uint8_t **masks, int n_threads)
+{
+    pthread_once(&spread_once, init_spread);
+    *pixels = aligned_alloc(64, (size_t)images * kw * 64);   /* multiples of 64 bytes */
+    *masks = aligned_alloc(64, (size_t)n * kw * 64);
+    if (*pixels == NULL || *masks == NULL) {
+        free(*pixels);
+        free(*masks);
+        *pixels = *masks = NULL;
+        return 0;
+    }
+    bytes_args p = {a, b, *pixels, *masks, images, n, kw};
+    run_parallel(bytes_task, &p, (images + n + BYTE_ROWS_PER_TASK - 1) / BYTE_ROWS_PER_TASK, n_threads);
+    return 1;
 }
 #endif
 
-#if defined(VERTICAL_KERNEL)
-/* ---- The vertical (bit-sliced) kernel, for rows of VERT_MIN_WORDS words
- * or more: 256 outputs at once, one per bit of a vector, and no XOR.
+/* ========================================================================
+ * 4.4 avx2-vertical, over avx2: bit-sliced counters, 256 rows of B in the
+ * bits of a vector, one add per set bit of a row of A, no XOR.  A kernel
+ * of its own (ALGO_VERTICAL) in the avx2 object; avx512-vertical (4.6) is
+ * this same code compiled in the avx512 object, with vvec = __m512i, so
+ * the one copy is here.
+ * ===================================================================== */
+#if defined(__AVX2__)
+#define VERTICAL_KERNEL 1       /* 256 lanes with AVX2, 512 with AVX-512 */
+/* ---- The vertical (bit-sliced) kernel, for rows of at most
+ * VERT_MAX_WORDS words: 256 outputs at once, one per bit of a vector, and
+ * no XOR.
  *
  * pop(a ^ b) = pop(a) + pop(b) - 2 pop(a & b), and pop(a & b_j) is the
  * number of set bits k of a where bit k of b_j is set.  So for one row a of
@@ -2120,6 +2153,75 @@ static char *make_vertical(gemm_args *g, int n_threads)
 }
 #endif
 
+/* ========================================================================
+ * 4.5 avx512, over avx2: VPOPCNTDQ, xor and popcount 8 words per
+ * instruction on 4 x 2 tiles, 64-bit sums in 8 zmm registers.  The
+ * AVX-512 kernel reads the last partial vector of a row with a masked
+ * load, so any K runs through it.  Its popcounts of a row and of a pair
+ * (popcount_row, popcount_xor) are with the others in 4.1, where the edge
+ * kernel and the vertical kernels call them.
+ * ===================================================================== */
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+#define MR 4
+#define NR 2
+
+static inline __m512i load_8_words(const word_t *p, long k, long n)
+{
+    if (k + 8 <= n)
+        return _mm512_loadu_si512(p + k);
+    return _mm512_maskz_loadu_epi64((__mmask8)((1u << (n - k)) - 1), p + k);
+}
+
+__attribute__((noinline))
+static void micro_kernel(const word_t *a, const word_t *b, long ld, long n,
+                         int32_t *c, long ldc, int first)
+{
+    __m512i sum[MR][NR];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++)
+            sum[i][j] = _mm512_setzero_si512();
+    for (long k = 0; k < n; k += 8) {
+        __m512i av[MR];
+        for (int i = 0; i < MR; i++)
+            av[i] = load_8_words(a + i * ld, k, n);
+        for (int j = 0; j < NR; j++) {
+            __m512i bv = load_8_words(b + j * ld, k, n);
+            for (int i = 0; i < MR; i++)
+                sum[i][j] = _mm512_add_epi64(sum[i][j],
+                                             _mm512_popcnt_epi64(_mm512_xor_si512(av[i], bv)));
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++)
+            store_tile(c, ldc, i, j, _mm512_reduce_add_epi64(sum[i][j]), first);
+}
+
+__attribute__((noinline))
+static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
+{
+    __m512i sum = _mm512_setzero_si512();
+    for (long k = 0; k < n; k += 8) {
+        __m512i bv = load_8_words(b, k, n);
+        for (int p = 0; p < PLANES; p++) {
+            __m512i x = _mm512_xor_si512(load_8_words(a + p * ld, k, n), bv);
+            sum = _mm512_add_epi64(sum, _mm512_slli_epi64(_mm512_popcnt_epi64(x), p));
+        }
+    }
+    return _mm512_reduce_add_epi64(sum);
+}
+#endif
+
+/* ========================================================================
+ * 4.6 avx512-vertical, over avx2-vertical: the vertical kernel on 512
+ * lanes, carry-save adders of one VPTERNLOG each, VPOPCNTDQ row
+ * popcounts.  No code of its own: 4.4's, compiled in the avx512 object
+ * (vvec = __m512i and its vcsa there; HALVES == 2 in vert_task).
+ * ===================================================================== */
+
+/* ========================================================================
+ * 4.7 The driver: a block's tiles or planes, a task's blocks, and the
+ * object's gemm entry, which dispatches to the variants above.
+ * ===================================================================== */
 /* One K slice of a block of the ordinary GEMM: register tiles, then edges.
  * panel: the block's rows of B in nibble form (AVX2 tile kernel), or NULL. */
 static void tile_block(const gemm_args *g, const word_t *panel, int32_t *pop, long m0, long m1,
@@ -2273,10 +2375,10 @@ static size_t last_level_cache(void)
 
 /* A large output is fresh memory from PyTorch's allocator, mapped in 4 KiB
  * pages that fault in one by one as the epilogue first writes them: for the
- * 10000 x 4096 int32 result (164 MB) that took ~100 ms, a fifth of the
- * GEMM.  Asking for transparent huge pages on the 2 MiB-aligned interior
- * (where the system leaves that to madvise) makes it 512 times fewer
- * faults.  Only a hint: nothing changes where it is refused. */
+ * 10000 x 4096 int32 result (164 MB) a large part of the GEMM's time
+ * (docs/cpu_kernels.md).  Asking for transparent huge pages on the 2
+ * MiB-aligned interior (where the system leaves that to madvise) makes it
+ * 512 times fewer faults.  Only a hint: nothing changes where it is refused. */
 static void advise_huge_pages(void *p, size_t bytes)
 {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -2291,78 +2393,6 @@ static void advise_huge_pages(void *p, size_t bytes)
 #endif
 }
 
-
-#if defined(BYTE_PLANES)
-/* The byte buffers of the byte-sliced plane kernel: image r's pixel bytes
- * (byte 64 k + t = sum_p 2^p bit t of plane word a[8 r + p][k]) and row j
- * of B as masks (0xff where bit t of b[j][k] is set, else 0), kw * 64 bytes
- * a row.  spread[v] has byte t = bit t of v. */
-static uint64_t spread[256];
-static pthread_once_t spread_once = PTHREAD_ONCE_INIT;
-
-static void init_spread(void)
-{
-    for (int v = 0; v < 256; v++) {
-        uint64_t x = 0;
-        for (int t = 0; t < 8; t++)
-            x |= (uint64_t)((v >> t) & 1) << (8 * t);
-        spread[v] = x;
-    }
-}
-
-typedef struct {
-    const word_t *a, *b;
-    uint8_t *pixels, *masks;
-    long images, n, kw;
-} bytes_args;
-
-#define BYTE_ROWS_PER_TASK 64
-
-static void store_bytes(uint8_t *out, uint64_t x)
-{
-    for (int t = 0; t < 8; t++)
-        out[t] = (uint8_t)(x >> (8 * t));
-}
-
-static void bytes_task(const void *ctx, long task)
-{
-    const bytes_args *p = (const bytes_args *)ctx;
-    long row0 = task * BYTE_ROWS_PER_TASK, rows = p->images + p->n;
-    for (long r = row0; r < row0 + BYTE_ROWS_PER_TASK && r < rows; r++) {
-        for (long k = 0; k < p->kw; k++)
-            for (int q = 0; q < 8; q++) {
-                uint64_t x = 0;
-                if (r < p->images) {          /* an image: 8 planes into bytes */
-                    for (int pl = 0; pl < PLANES; pl++)
-                        x |= spread[(p->a[(PLANES * r + pl) * p->kw + k] >> (8 * q)) & 0xff] << pl;
-                    store_bytes(p->pixels + r * p->kw * 64 + 64 * k + 8 * q, x);
-                } else {                      /* a row of B: bits into 0 / 0xff */
-                    long j = r - p->images;
-                    x = spread[(p->b[j * p->kw + k] >> (8 * q)) & 0xff] * 0xff;
-                    store_bytes(p->masks + j * p->kw * 64 + 64 * k + 8 * q, x);
-                }
-            }
-    }
-}
-
-/* Both buffers, or neither (out of memory: the plane kernel runs instead). */
-static int byte_planes_and_masks(const word_t *a, const word_t *b, long images, long n, long kw,
-                                 uint8_t **pixels, uint8_t **masks, int n_threads)
-{
-    pthread_once(&spread_once, init_spread);
-    *pixels = aligned_alloc(64, (size_t)images * kw * 64);   /* multiples of 64 bytes */
-    *masks = aligned_alloc(64, (size_t)n * kw * 64);
-    if (*pixels == NULL || *masks == NULL) {
-        free(*pixels);
-        free(*masks);
-        *pixels = *masks = NULL;
-        return 0;
-    }
-    bytes_args p = {a, b, *pixels, *masks, images, n, kw};
-    run_parallel(bytes_task, &p, (images + n + BYTE_ROWS_PER_TASK - 1) / BYTE_ROWS_PER_TASK, n_threads);
-    return 1;
-}
-#endif
 
 /* The object's bnn_xnor_gemm (see the common part): algo ALGO_VERTICAL
  * runs the vertical kernel where the object has one and the rows fit it,
