@@ -25,7 +25,7 @@ import sys
 import torch
 
 from binary_net import sign  # sign(0) = +1, as in training; binary_net also turns on huge pages (see there)
-from kernels import WORD_BITS, words  # the word count, written once for the kernels' wrappers too
+from kernels import WORD_BITS, check_row_class, words  # the word count, written once for the kernels' wrappers too
 from kernels import cpu as cpu_kernels
 from kernels import cuda as cuda_kernels
 
@@ -88,9 +88,17 @@ def combine_planes(d: torch.Tensor, planes: int) -> torch.Tensor:
     return out
 
 
-def fire_torch(d: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Packed activations: +1 where the accumulator d reaches the threshold."""
-    return pack_torch(torch.where(d >= threshold, 1.0, -1.0))
+def row_thresholds(threshold: torch.Tensor, row_class, n: int) -> torch.Tensor:
+    """Each row's thresholds (rows x N, or N for all): row row_class[i] of the
+    table (classes x N), its row 0 without row_class."""
+    table = threshold.view(-1, n)
+    return table[0] if row_class is None else table[row_class.long()]
+
+
+def fire_torch(d: torch.Tensor, threshold: torch.Tensor, row_class=None) -> torch.Tensor:
+    """Packed activations: +1 where the accumulator d reaches the threshold
+    (of its row's class, row_thresholds)."""
+    return pack_torch(torch.where(d >= row_thresholds(threshold, row_class, d.shape[1]), 1.0, -1.0))
 
 
 # ---------------------------------------------------------------------------
@@ -98,7 +106,9 @@ def fire_torch(d: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 # the PyTorch fallback.  They take contiguous tensors; the public functions
 # below check and reshape the user's input.  `planes` > 1 combines groups of
 # rows of `a` as bit planes (the first layer); `threshold` turns the dot
-# products into the next layer's packed input (the hidden layers).
+# products into the next layer's packed input (the hidden layers): N int32,
+# or a table of classes x N with `row_class` (M uint8) naming each output
+# row's row of it (a conv layer's interior and border pixels).
 #
 # They are defined with torch.library's low-level API (define, impl,
 # register_fake) rather than torch.library.custom_op, whose Python wrappers
@@ -172,18 +182,30 @@ xnor_gemm_out_op = _op(
     _xnor_gemm_out_cuda, lambda a, b, k, out: None)
 
 
-def _xnor_fire_cpu(a, b, k, planes, threshold):
+def _xnor_fire_cpu(a, b, k, planes, threshold, row_class=None):
     lib = cpu_kernels.library()
     if lib is None:
-        return fire_torch(xnor_gemm_op(a, b, k, planes), threshold)
-    return cpu_kernels.xnor_gemm(lib, a, b, k, planes, threshold)
+        check_row_class(threshold, row_class, a.shape[0] // planes, b.shape[0])
+        return fire_torch(xnor_gemm_op(a, b, k, planes), threshold, row_class)
+    return cpu_kernels.xnor_gemm(lib, a, b, k, planes, threshold, row_class=row_class)
+
+
+def _xnor_fire_cuda(a, b, k, planes, threshold, row_class=None):
+    """pack.cu's fire takes one threshold per unit: with row classes, the
+    compare runs in PyTorch and pack.cu packs its signs."""
+    d = xnor_gemm_op(a, b, k, planes)
+    check_row_class(threshold, row_class, d.shape[0], d.shape[1])
+    if row_class is None:
+        return cuda_kernels.fire(d, threshold.view(-1, d.shape[1])[0].contiguous())
+    return cuda_kernels.pack(torch.where(d >= row_thresholds(threshold, row_class, d.shape[1]),
+                                         1.0, -1.0))
 
 
 xnor_fire_op = _op(
-    "xnor_fire(Tensor a, Tensor b, int k, int planes, Tensor threshold) -> Tensor", _xnor_fire_cpu,
-    lambda a, b, k, planes, threshold: cuda_kernels.fire(xnor_gemm_op(a, b, k, planes), threshold),
-    lambda a, b, k, planes, threshold: a.new_empty(a.shape[0] // planes, words(b.shape[0]),
-                                                   dtype=torch.int64))
+    "xnor_fire(Tensor a, Tensor b, int k, int planes, Tensor threshold, Tensor? row_class=None) -> Tensor",
+    _xnor_fire_cpu, _xnor_fire_cuda,
+    lambda a, b, k, planes, threshold, row_class=None: a.new_empty(
+        a.shape[0] // planes, words(b.shape[0]), dtype=torch.int64))
 
 
 def _baseline_gemm_cpu(a, b):

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import words
+from kernels import check_row_class, words
 
 SOURCE = Path(__file__).with_name("xnor_cpu.c")
 COMMON_FLAGS = ["-O3", "-fPIC", "-pthread"]
@@ -150,8 +150,8 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     ptr, n, i, s = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_char_p
     lib.bnn_pack.argtypes = [ptr, ptr, n, n, i]
     lib.bnn_pack_planes.argtypes = [ptr, ptr, n, n, i]
-    lib.bnn_xnor_gemm.argtypes = [ptr, ptr, n, n, n, n, ptr, ptr, i]
-    lib.bnn_xnor_gemm_kernel.argtypes = [i, i, ptr, ptr, n, n, n, n, ptr, ptr, i]
+    lib.bnn_xnor_gemm.argtypes = [ptr, ptr, n, n, n, n, ptr, ptr, ptr, i]
+    lib.bnn_xnor_gemm_kernel.argtypes = [i, i, ptr, ptr, n, n, n, n, ptr, ptr, ptr, i]
     lib.bnn_baseline_gemm.argtypes = [ptr, ptr, ptr, n, n, n, i]
     for f in (lib.bnn_pack, lib.bnn_pack_planes, lib.bnn_xnor_gemm, lib.bnn_baseline_gemm):
         f.restype = None
@@ -304,7 +304,7 @@ def measure_order(lib, a, b, k: int, planes: int) -> list:
         for call in range(MEASURE_CALLS):
             start = time.thread_time()
             lib.bnn_xnor_gemm_kernel(i, 0, a.data_ptr(), b.data_ptr(), m, MEASURE_COLS, k, planes,
-                                     None, out.data_ptr(), 1)
+                                     None, None, out.data_ptr(), 1)
             if call > 0:
                 best = min(best, time.thread_time() - start)
         times[name] = best
@@ -339,11 +339,14 @@ def chosen_kernel(lib, a, b, m: int, n: int, k: int, planes: int) -> int:
 
 
 def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None, kernel=None,
-              options: int = 0) -> torch.Tensor:
-    """a: (M planes) x KW words, b: N x KW words, threshold: N int32 or None,
-    all contiguous.  Returns M x N int32 dot products, or with a threshold the
-    M x ceil(N/64) packed activations (see bnn_xnor_gemm), in `out` if given
-    (contiguous, of that shape and dtype: the caller checks).
+              options: int = 0, row_class=None) -> torch.Tensor:
+    """a: (M planes) x KW words, b: N x KW words, threshold: N or classes x N
+    int32 or None, row_class: M uint8 or None, all contiguous.  Returns M x N
+    int32 dot products, or with a threshold the M x ceil(N/64) packed
+    activations, row i against the thresholds of class row_class[i] (class 0
+    without row_class; see bnn_xnor_gemm_kernel; check_row_class checks the
+    classes), in `out` if given (contiguous, of that shape and dtype: the
+    caller checks).
     kernel: a kernel's name (ValueError where this CPU cannot run it or it
     cannot take the product), else the chosen one (chosen_kernel);
     options: NO_WORK_BUFFERS, STREAM, NO_STREAM (for the tests)."""
@@ -355,9 +358,12 @@ def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None, kernel=N
         out = torch.empty(m, cols, dtype=dtype)
     if m == 0 or n == 0:
         return out
+    if threshold is not None:
+        check_row_class(threshold, row_class, m, n)
     index = chosen_kernel(lib, a, b, m, n, k, planes) if kernel is None else kernel_index(lib, kernel)
     if lib.bnn_xnor_gemm_kernel(index, options, a.data_ptr(), b.data_ptr(), m, n, k, planes,
                                 None if threshold is None else threshold.data_ptr(),
+                                None if row_class is None else row_class.data_ptr(),
                                 out.data_ptr(), threads()) != 0:
         raise ValueError(f"kernel {kernel!r} cannot take rows of {(k + 63) // 64} words")
     return out

@@ -104,7 +104,8 @@ enum { NEED_POPCNT = 1 << 0, NEED_AVX = 1 << 1, NEED_AVX2 = 1 << 2, NEED_FMA = 1
        NEED_VPOPCNTDQ = 1 << 14 };
 
 typedef void gemm_fn(int algo, int options, const word_t *a, const word_t *b, long m, long n,
-                     long k, long planes, const int32_t *threshold, void *out, int n_threads);
+                     long k, long planes, const int32_t *threshold, const uint8_t *row_class,
+                     void *out, int n_threads);
 typedef void pack_fn(const float *x, word_t *out, long rows, long k, int n_threads);
 typedef void planes_fn(const uint8_t *x, word_t *out, long rows, long k, int n_threads);
 
@@ -128,13 +129,17 @@ KERNEL_OBJECT(avx512)
  * 2^p; planes = 1: the ordinary product), so
  *     P = sum_p 2^p popcount(a_p XOR b_j),   dot = (2^planes - 1) K - 2 P.
  * Without a threshold the dot products are stored (m x n int32); with one,
- * bit j % 64 of word j / 64 of output row i is set where dot >= threshold[j]
- * (m x ceil(n / 64) words): the next layer's packed input.
+ * bit j % 64 of word j / 64 of output row i is set where dot >= t[j]
+ * (m x ceil(n / 64) words): the next layer's packed input.  t is row
+ * row_class[i] of the threshold table (classes x n), or its row 0 where
+ * row_class is NULL: a conv layer's border pixels, whose padding taps move
+ * their thresholds, are classes of their own.
  * ===================================================================== */
 typedef struct {
     const word_t *a, *b;
     long n, k, kw, planes;
     const int32_t *threshold;
+    const uint8_t *row_class;
     void *out;
 } reference_args;
 
@@ -142,6 +147,7 @@ static void reference_row(const void *ctx, long i)
 {
     const reference_args *g = (const reference_args *)ctx;
     int32_t base = (int32_t)(((1L << g->planes) - 1) * g->k);
+    const int32_t *t = g->threshold + (g->row_class != NULL ? g->row_class[i] * g->n : 0);
     word_t fired = 0;
     for (long j = 0; j < g->n; j++) {
         long pop = 0;
@@ -154,7 +160,7 @@ static void reference_row(const void *ctx, long i)
             ((int32_t *)g->out)[i * g->n + j] = dot;
             continue;
         }
-        fired |= (word_t)(dot >= g->threshold[j]) << (j % 64);
+        fired |= (word_t)(dot >= t[j]) << (j % 64);
         if (j % 64 == 63 || j == g->n - 1) {    /* a whole word, its bits past n zero */
             ((word_t *)g->out)[i * ((g->n + 63) / 64) + j / 64] = fired;
             fired = 0;
@@ -163,11 +169,12 @@ static void reference_row(const void *ctx, long i)
 }
 
 static void reference_gemm(int algo, int options, const word_t *a, const word_t *b, long m, long n,
-                           long k, long planes, const int32_t *threshold, void *out, int n_threads)
+                           long k, long planes, const int32_t *threshold,
+                           const uint8_t *row_class, void *out, int n_threads)
 {
     (void)algo;
     (void)options;
-    reference_args g = {a, b, n, k, (k + 63) / 64, planes, threshold, out};
+    reference_args g = {a, b, n, k, (k + 63) / 64, planes, threshold, row_class, out};
     run_parallel(reference_row, &g, m, n_threads);
 }
 
@@ -328,26 +335,29 @@ int bnn_default_kernel(long m, long n, long k, long planes)
 /*
  * a: (m * planes) x kw words, b: n x kw words, both packed along K.
  * threshold == NULL: out is m x n int32 dot products;
- * otherwise out is m x ceil(n / 64) words of packed activations.
+ * otherwise out is m x ceil(n / 64) words of packed activations, output row
+ * i against row row_class[i] of the threshold table (classes x n int32; the
+ * caller checks the classes), or against its row 0 where row_class is NULL.
  * planes is 1 or 8 (checked by the caller).  Returns 0, or -1 (nothing
  * done) where the kernel does not serve the product.
  */
 int bnn_xnor_gemm_kernel(int kernel, int options, const word_t *a, const word_t *b, long m, long n,
-                         long k, long planes, const int32_t *threshold, void *out, int n_threads)
+                         long k, long planes, const int32_t *threshold, const uint8_t *row_class,
+                         void *out, int n_threads)
 {
     if (!bnn_kernel_serves(kernel, m, n, k, planes))
         return -1;
     if (m > 0 && n > 0)
-        kernels[kernel].gemm(kernels[kernel].algo, options, a, b, m, n, k, planes, threshold, out,
-                             n_threads);
+        kernels[kernel].gemm(kernels[kernel].algo, options, a, b, m, n, k, planes, threshold,
+                             row_class, out, n_threads);
     return 0;
 }
 
-void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k,
-                   long planes, const int32_t *threshold, void *out, int n_threads)
+void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k, long planes,
+                   const int32_t *threshold, const uint8_t *row_class, void *out, int n_threads)
 {
     bnn_xnor_gemm_kernel(bnn_default_kernel(m, n, k, planes), 0, a, b, m, n, k, planes, threshold,
-                         out, n_threads);
+                         row_class, out, n_threads);
 }
 
 /* The packing of the best object that runs here (NULL: none, which
@@ -830,10 +840,11 @@ void ISA_FN(pack_planes)(const uint8_t *x, word_t *out, long rows, long k, int n
  *     larger than the last-level cache
  *     cannot stay cached anyway, and with AVX2 it is written with
  *     non-temporal stores, which skip reading each line before writing it;
- *   - with one, each unit j fires (+1, bit set) where dot >= threshold[j],
- *     and the bits are packed straight into M x ceil(N / 64) words: the next
- *     layer's packed input, with no int32 matrix in between (AVX2: 8 tests
- *     per compare and movemask).  NB is a multiple of 64, so every output
+ *   - with one, each unit j fires (+1, bit set) where dot >= threshold[j]
+ *     (of the table's row that the output row's class names), and the bits
+ *     are packed straight into M x ceil(N / 64) words: the next layer's
+ *     packed input, with no int32 matrix in between (AVX2: 8 tests per
+ *     compare and movemask).  NB is a multiple of 64, so every output
  *     word belongs to one task.
  * A large output is first advised onto huge pages (advise_huge_pages).
  * ------------------------------------------------------------------------ */
@@ -849,7 +860,8 @@ typedef struct {
     int harley_seal;            /* rows of HS_MIN_WORDS words or more: set with the copies */
     const uint8_t *pixels;      /* planes == 8, AVX2: A as pixel bytes, or NULL */
     const uint8_t *masks;       /* ... and B as byte masks (kw * 64 bytes a row) */
-    const int32_t *threshold;   /* NULL: store dot products */
+    const int32_t *threshold;   /* NULL: store dot products; else classes x n */
+    const uint8_t *row_class;   /* each output row's row of threshold; NULL: row 0 */
     void *out;
     long m, n, k, kw, planes;   /* m counts rows of A */
     long m_blocks;
@@ -999,8 +1011,9 @@ static void epilogue(const gemm_args *g, const int32_t *pop,
             continue;
         }
         word_t *c = (word_t *)g->out + r * n_words;
+        const int32_t *t = g->threshold + (g->row_class != NULL ? g->row_class[r] * g->n : 0);
         for (long j0 = n0; j0 < n1; j0 += 64)
-            c[j0 / 64] = fire_word(base, p + j0, g->threshold + j0, n1 - j0 < 64 ? n1 - j0 : 64);
+            c[j0 / 64] = fire_word(base, p + j0, t + j0, n1 - j0 < 64 ? n1 - j0 : 64);
     }
 }
 
@@ -2398,11 +2411,13 @@ static void advise_huge_pages(void *p, size_t bytes)
  * runs the vertical kernel where the object has one and the rows fit it,
  * else the tile kernels; options OPT_*. */
 void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b, long m, long n,
-                  long k, long planes, const int32_t *threshold, void *out, int n_threads)
+                  long k, long planes, const int32_t *threshold, const uint8_t *row_class,
+                  void *out, int n_threads)
 {
     int use_work_buffers = !(options & OPT_NO_WORK_BUFFERS);
     (void)use_work_buffers;     /* the scalar object has no work buffers */
-    gemm_args g = {.a = a, .b = b, .threshold = threshold, .out = out, .m = m * planes, .n = n,
+    gemm_args g = {.a = a, .b = b, .threshold = threshold, .row_class = row_class, .out = out,
+                   .m = m * planes, .n = n,
                    .k = k, .kw = (k + 63) / 64, .planes = planes,
                    .m_blocks = (m * planes + MB - 1) / MB, .m_run = 1};
     uint8_t *pixels = NULL, *masks = NULL;

@@ -442,6 +442,70 @@ def test_every_kernel_bit_planes(lib, kernel, m, k, n):
     assert torch.equal(fired, fire(expected, threshold))
 
 
+def class_table(expected, row_class, classes):
+    """A threshold table (classes x N int32) that the rows of each class
+    reach exactly in places (ties), the rest one above or below: each
+    class's thresholds from the expected dot products of one of its rows."""
+    n = expected.shape[1]
+    table = torch.zeros(classes, n, dtype=torch.int32)
+    for c in range(classes):
+        rows = (row_class == c).nonzero()[:, 0]
+        row = expected[rows[0]] if len(rows) else torch.zeros(n, dtype=torch.int64)
+        table[c] = (row + torch.arange(n) % 3 - 1).to(torch.int32)     # -1, tie, +1
+    return table
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m,k,n,planes", [(1, 1, 1, 1), (40, 576, 130, 1), (70, 1152, 513, 1),
+                                          (100, 36, 64, 8), (33, 790, 65, 8), (9, 2048 + 7, 257, 1)])
+def test_every_kernel_fires_by_row_class(lib, kernel, m, k, n, planes):
+    """Thresholds by row class (a conv layer's window classes): each output
+    row tested against its class's row of the table, against the float64
+    dot products; bit planes, N not a multiple of 64, ties in every class,
+    a class with no row, and the table's row 0 where no class is given."""
+    runnable(lib, kernel)
+    gen = torch.Generator().manual_seed(m + k + n)
+    if planes == 8:
+        pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+        a_words, expected_a = bo.bit_planes(pixels), 2 * pixels.long() - 255
+    else:
+        a = torch.randn(m, k, generator=gen)
+        a_words, expected_a = bo.pack(a), sign_matrix(a)
+    b = torch.randn(n, k, generator=gen)
+    expected = expected_a @ sign_matrix(b).T
+    row_class = torch.randint(0, 9, (m,), generator=gen).to(torch.uint8)
+    row_class[0] = 8
+    table = class_table(expected, row_class, 10)                    # class 9: no row
+    fired = cpu_kernels.xnor_gemm(lib, a_words, bo.pack(b), k, planes, table, kernel=kernel,
+                                  row_class=row_class)
+    assert torch.equal(fired, fire(expected, table[row_class.long()]))
+    fired = cpu_kernels.xnor_gemm(lib, a_words, bo.pack(b), k, planes, table, kernel=kernel)
+    assert torch.equal(fired, fire(expected, table[0]))
+
+
+def test_row_class_out_of_range_refused(lib, monkeypatch):
+    """A class past the table, a class index of another type or count, a
+    table that is not N int32 a class: one-line errors before any kernel
+    reads them, on the C path and the pure-PyTorch path alike."""
+    a, b = operands(6, 100, 70, seed=3)
+    a_words, b_words = bo.pack(a), bo.pack(b)
+    table = torch.zeros(3, 70, dtype=torch.int32)
+    cases = [(table, torch.tensor([0, 1, 2, 3, 0, 0], dtype=torch.uint8), "class 3"),
+             (table, torch.zeros(6, dtype=torch.int64), "uint8"),
+             (table, torch.zeros(5, dtype=torch.uint8), "6 uint8"),
+             (torch.zeros(3, 69, dtype=torch.int32), None, "70 entries a class"),
+             (table.float(), None, "int32")]
+    for pure_torch in ("0", "1"):
+        monkeypatch.setenv("BINARYNET_PURE_TORCH", pure_torch)
+        for threshold, row_class, words in cases:
+            with pytest.raises(ValueError) as info:
+                bo.xnor_fire_op(a_words, b_words, 100, 1, threshold, row_class)
+            assert words in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="class 3"):
+        cpu_kernels.xnor_gemm(lib, a_words, b_words, 100, 1, table, kernel="reference",
+                              row_class=cases[0][1])
+
+
 @needs_c
 @settings(max_examples=20, deadline=None)
 @given(m=st.integers(1, 140), k=st.integers(1, 1500), n=st.integers(1, 700),

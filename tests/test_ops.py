@@ -131,6 +131,26 @@ def test_error_messages(call, error, words):
 
 
 # ---------------------------------------------------------------------------
+# The fused GEMM-and-threshold op, by row class
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (12, 200, 70), (30, 576, 128)])
+def test_xnor_fire_by_row_class(cpu_path, m, k, n):
+    """xnor_fire with a threshold table and a class per row against float64
+    sign products, ties included; its old form (N thresholds) unchanged."""
+    a, b = random_operands(m, k, n, seed=m + k + n)
+    expected = reference_matmul(a, b)
+    gen = torch.Generator().manual_seed(n)
+    row_class = torch.randint(0, 4, (m,), generator=gen).to(torch.uint8)
+    table = (expected[torch.arange(4) % m] + torch.arange(n) % 3 - 1).to(torch.int32)
+    a_words, b_words = bo.pack(a), bo.pack(b.T)
+    fired = bo.xnor_fire_op(a_words, b_words, k, 1, table, row_class)
+    assert torch.equal(unpack(fired, n), torch.where(expected >= table[row_class.long()], 1.0, -1.0))
+    fired = bo.xnor_fire_op(a_words, b_words, k, 1, table[1].contiguous())
+    assert torch.equal(unpack(fired, n), torch.where(expected >= table[1], 1.0, -1.0))
+
+
+# ---------------------------------------------------------------------------
 # The custom ops' registration
 # ---------------------------------------------------------------------------
 
@@ -139,6 +159,8 @@ def test_custom_ops_registered():
     a_words, b_words = bo.pack(a), bo.pack(b.T)
     torch.library.opcheck(bo.pack_op, (a.contiguous(),))
     torch.library.opcheck(bo.xnor_gemm_op, (a_words, b_words, 70, 1))
+    torch.library.opcheck(bo.xnor_fire_op, (a_words, b_words, 70, 1, torch.zeros(2, 3, dtype=torch.int32),
+                                            torch.tensor([1, 0, 1, 1, 0], dtype=torch.uint8)))
     torch.library.opcheck(bo.xnor_gemm_out_op,
                           (a_words, b_words, 70, torch.empty(len(a), b.shape[1], dtype=torch.int32)))
     out = torch.ops.binarynet.xnor_gemm(a_words, b_words, 70, 1)
