@@ -10,24 +10,25 @@ The binary convolution is Larq Compute Engine's design, on this project's kernel
 - zero padding exact by a correction: a pixel outside the image is gathered as
   an all-0 word (every channel -1), which adds -sum_c w[o, c, tap] where the
   trained network adds 0, so a border pixel's threshold is moved by the sums of
-  its padding taps.  Channel bits past C are 0 in both operands: they agree, a
-  constant the thresholds absorb too;
+  its padding taps.  The pixels fall in a few classes of window (inside the
+  image, and one per pattern of padding taps: the 4 edges and 4 corners), and
+  each class has its row of thresholds.  Channel bits past C are 0 in both
+  operands: they agree, a constant the thresholds absorb too;
 - bias, max-pool, batch norm and sign: integer thresholds (infer.fold_threshold,
   on the float network's own arithmetic), then an OR of the pool window's bits
   where the batch norm rises (gamma >= 0) and an AND where it falls;
 - the first layer on the 8 bit planes of the uint8 pixels, padded with 0 pixels;
 - the dense layers as the MNIST network's, the output batch norm in float.
-A layer's GEMM rows are its interior pixels, image by image (one call of the
-fused GEMM-and-threshold kernel, one threshold per unit), then its border pixels
-(one call of the int32 GEMM, a threshold per pixel and unit); the next layer's
-index table reads them in that order.
+A layer is one call of the fused GEMM-and-threshold kernel: a row a pixel,
+image by image in row-major order (the layout of its output and so of the next
+layer's input), each row tested against its class's thresholds.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from binary_ops import PIXEL_BITS, bit_planes, pack, sign, words, xnor_fire_op, xnor_gemm_op
+from binary_ops import PIXEL_BITS, bit_planes, pack, sign, words, xnor_fire_op
 from convnet import BATCH, ConvLayer, ConvNet, FloatConvNet
 from infer import PIXEL_SCALE, BinaryDense, Layer, binary_dense, compare, fold_threshold
 
@@ -87,16 +88,13 @@ def pack_channels(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LayerPlan:
     """A binary conv layer's work for a batch of images of one size: the index
-    table of its GEMM (the input words under each tap, row by row: the
-    interior pixels of every image, then the border pixels), the interior
-    rows' thresholds, the border pixels' (border pixels x units), the pool
-    windows' words, and where each output pixel lands."""
+    table of its GEMM (the input words under each tap, a row a pixel, image
+    by image), each row's class of window (uint8), each class's thresholds
+    (classes x units, int32) and the pool windows' words."""
     table: torch.Tensor
-    interior: int                   # rows of interior pixels
-    threshold: torch.Tensor
-    border_thresholds: torch.Tensor
+    row_class: torch.Tensor
+    thresholds: torch.Tensor
     pool_table: torch.Tensor | None
-    out_rows: torch.Tensor          # batch x pixels out: row of the layer's output
 
 
 def word_table(rows: torch.Tensor, n_words: int) -> torch.Tensor:
@@ -138,35 +136,24 @@ class BinaryConv:
         rising[:n_out] = direction > 0
         self.or_mask = pack(torch.where(rising, 1.0, -1.0)[None])[0]
 
-    def plan(self, in_rows: torch.Tensor, pad_row: int, h: int, w: int) -> LayerPlan:
-        """The tables for a batch whose input pixel (image i, pixel p) is row
-        in_rows[i, p] of the input, with an all-0 row at pad_row."""
-        device, batch = in_rows.device, len(in_rows)
+    def plan(self, batch: int, h: int, w: int, device) -> LayerPlan:
+        """The tables for a batch whose input is a row a pixel, image by
+        image, with an all-0 row last (the padding)."""
         taps = window_taps(h, w).to(device)
         outside = taps < 0
-        border = outside.any(1)
-        order = torch.cat([(~border).nonzero()[:, 0], border.nonzero()[:, 0]])
-        n_interior = int((~border).sum())
-        padded = torch.cat([in_rows, torch.full_like(in_rows[:, :1], pad_row)], 1)
-        under = padded[:, torch.where(outside, h * w, taps)]      # batch x pixels x 9
-        table = torch.cat([under[:, order[:n_interior]].reshape(-1), under[:, order[n_interior:]].reshape(-1)])
-        # the border pixels' corrections (pixels x units): the padding taps' sums
-        correction = (outside[order[n_interior:], None, :] * self.tap_sums).sum(-1)
-        thresholds = (self.threshold - correction + self.offset).float()
-        # output row of (image, pixel): interior rows image by image, then border rows
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(h * w, device=device)
-        images = torch.arange(batch, device=device)[:, None]
-        out_rows = torch.where(rank < n_interior, images * n_interior + rank,
-                               batch * n_interior + images * (h * w - n_interior) + rank - n_interior)
+        # the classes of window: a class per pattern of padding taps (all
+        # inside sorts first: class 0 wherever the image has an interior)
+        patterns, window_class = torch.unique(outside, dim=0, return_inverse=True)
+        images = torch.arange(batch, device=device)[:, None, None] * (h * w)
+        table = torch.where(outside, batch * h * w, images + taps)     # batch x pixels x 9
+        # each class's correction (classes x units): its padding taps' sums
+        correction = (patterns[:, None, :] * self.tap_sums).sum(-1)
+        thresholds = (self.threshold - correction + self.offset).to(torch.int32)
         pool_table = None
         if self.pool:
-            pool_table = word_table(out_rows[:, pool_windows(h, w).to(device)], self.out_words)
-            out_rows = torch.arange(pool_table.numel() // (4 * self.out_words),
-                                    device=device).view(batch, -1)
-        threshold = (self.threshold + self.offset).to(torch.int32)
-        return LayerPlan(word_table(table, self.in_words), batch * n_interior, threshold, thresholds,
-                         pool_table, out_rows)
+            pool_table = word_table(images[:, :, :1] + pool_windows(h, w).to(device), self.out_words)
+        return LayerPlan(word_table(table, self.in_words), window_class.to(torch.uint8).repeat(batch),
+                         thresholds, pool_table)
 
     def __call__(self, source: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         """Packed activations, a row a pixel and an all-0 row last, from the
@@ -175,14 +162,8 @@ class BinaryConv:
         planes = PIXEL_BITS if self.first else 1
         if self.first:
             rows = on_all_threads(bit_planes, rows.view(torch.uint8))
-        interior, border = rows[:planes * plan.interior], rows[planes * plan.interior:]
-        # interior pixels: the fused kernel, one threshold per unit
-        fired = [on_all_threads(xnor_fire_op, interior, self.words, self.k, planes, plan.threshold)] if len(interior) else []
-        if len(border):   # border pixels: a threshold per pixel and unit
-            d = on_all_threads(xnor_gemm_op, border, self.words, self.k, planes)
-            t = plan.border_thresholds     # float32: d - t is exact, and packs as d >= t
-            fired.append(pack((d.view(-1, *t.shape) - t).view(len(d), -1)))   # small: one thread
-        fired = torch.cat(fired)
+        fired = on_all_threads(xnor_fire_op, rows, self.words, self.k, planes,
+                               plan.thresholds, plan.row_class)
         if self.pool:
             fired = self.max_pool(fired.view(-1).index_select(0, plan.pool_table).view(-1, 4, self.out_words))
         return torch.cat([fired, fired.new_zeros(1, self.out_words)])
@@ -233,11 +214,9 @@ class XnorConvNet:
     def plan(self, batch: int, h: int, w: int, device) -> list:
         key = (batch, h, w, str(device))
         if key not in self.plans:
-            rows = torch.arange(batch * h * w, device=device).view(batch, -1)
-            pad, plans = batch * h * w, []
+            plans = []
             for conv in self.convs:
-                plans.append(conv.plan(rows, pad, h, w))
-                rows, pad = plans[-1].out_rows, plans[-1].out_rows.numel()
+                plans.append(conv.plan(batch, h, w, device))
                 h, w = (h // 2, w // 2) if conv.pool else (h, w)
             self.plans[key] = plans
         return self.plans[key]
@@ -252,9 +231,7 @@ class XnorConvNet:
         x = pixel_rows(pixels)
         for conv, plan in zip(self.convs, plans):
             x = conv(x, plan)
-        out_rows = plans[-1].out_rows
-        x = x.view(-1).index_select(0, word_table(out_rows, x.shape[1]))
-        h = on_all_threads(self.first_dense.fire, x.view(batch, -1))
+        h = on_all_threads(self.first_dense.fire, x[:-1].reshape(batch, -1))   # the padding row off
         for layer in self.hidden:
             h = on_all_threads(layer.fire, h)
         return self.last_bn(on_all_threads(self.last.accumulate, h).float() + self.last_bias)

@@ -92,11 +92,10 @@ def random_pixels(n, h, w, seed):
 
 def run_layer(conv, source, batch, h, w):
     """A BinaryConv on packed (or pixel) rows; its output as +-1, NHWC."""
-    plan = conv.plan(torch.arange(batch * h * w).view(batch, -1), batch * h * w, h, w)
-    out = conv(source, plan)
+    out = conv(source, conv.plan(batch, h, w, "cpu"))
     assert not out[-1].any(), "the last row is the padding's all-0 row"
     n_out = conv.tap_sums.shape[0]
-    return unpack(out[plan.out_rows.reshape(-1)], n_out).view(batch, -1, n_out)
+    return unpack(out[:-1], n_out).view(batch, -1, n_out)
 
 
 def float_layer_signs(net, i, x):
@@ -150,18 +149,26 @@ def test_first_layer_bit_planes_match_float_path(h, w, pool, ties):
 
 
 def test_border_classes_and_corrections():
-    """window_taps marks the padding; the thresholds of a 3 x 4 image: one
-    interior pixel class, and border pixels whose threshold moves by the
-    padding taps' weight sums."""
+    """window_taps marks the padding; the window classes of two 3 x 4 images:
+    the 2 interior pixels share one, each edge and corner has its own (9 in
+    all), and a class's thresholds move by its padding taps' weight sums."""
     taps = ic.window_taps(3, 4)
     assert taps.shape == (12, 9) and taps[5].tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]
     assert (taps[0] < 0).tolist() == [True, True, True, True, False, False, True, False, False]
     assert ic.pool_windows(5, 4).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
     conv = ic.BinaryConv(conv_layer(4, 5, False, 1), first=False)
-    plan = conv.plan(torch.arange(24).view(2, 12), 24, 3, 4)
-    assert plan.interior == 2 * 2 and plan.border_thresholds.shape == (10, 4)
+    plan = conv.plan(2, 3, 4, "cpu")
+    assert plan.row_class.dtype == torch.uint8 and plan.row_class.shape == (24,)
+    assert plan.thresholds.dtype == torch.int32 and plan.thresholds.shape == (9, 4)
+    classes = plan.row_class.long()
+    assert torch.equal(classes[:12], classes[12:]) and classes[5] == classes[6]
+    assert len(set(classes[:12].tolist())) == 9
+    interior = conv.threshold + conv.offset
     corner = conv.tap_sums[:, [0, 1, 2, 3, 6]].sum(1)      # pixel 0: top-left corner
-    assert torch.equal(plan.border_thresholds[0], (conv.threshold - corner + conv.offset).float())
+    bottom = conv.tap_sums[:, [6, 7, 8]].sum(1)            # pixel 9: bottom edge
+    assert torch.equal(plan.thresholds[classes[5]].long(), interior)
+    assert torch.equal(plan.thresholds[classes[0]].long(), interior - corner)
+    assert torch.equal(plan.thresholds[classes[9]].long(), interior - bottom)
 
 
 # ---------------------------------------------------------------------------
