@@ -32,7 +32,7 @@
  *      4.1 what every variant shares: packing, the bit-plane packing, the
  *          arguments of a product (gemm_args), the popcount helpers, the
  *          edge kernel, the epilogue, the blocking arithmetic;
- *      4.2 - 4.6 the variants, each one block under its own #if, adding
+ *      4.2 - 4.7 the variants, each one block under its own #if, adding
  *          one thing to the one before:
  *        scalar           4 x 4 register tiles of scalar popcounts, cache
  *                         blocking, the epilogue (popcnt, or NEON cnt)
@@ -45,7 +45,9 @@
  *        avx512-vertical  the vertical kernel on 512 lanes, VPTERNLOG carry-
  *                         save adders, VPOPCNTDQ row popcounts (avx2-
  *                         vertical's code, which holds both)
- *      4.7 the driver (a block's tiles or planes, a task's blocks) and the
+ *        avx512-vnni      avx512, with bit planes put back into pixel bytes
+ *                         (GFNI) and multiplied by +-1 bytes (VNNI vpdpbusd)
+ *      4.8 the driver (a block's tiles or planes, a task's blocks) and the
  *          object's gemm entry, which dispatches to the variants.
  *
  * Parts and builds.  The file has two parts: the common one (sections 1 - 3)
@@ -89,7 +91,7 @@ __attribute__((visibility("hidden"))) extern __thread int thread_slot;
 
 /* What a kernel object's gemm runs (its algo argument), and the options of
  * a call (kernels/cpu.py mirrors them). */
-enum { ALGO_TILE = 0, ALGO_VERTICAL = 1 };
+enum { ALGO_TILE = 0, ALGO_VERTICAL = 1, ALGO_VNNI = 2 };
 enum { OPT_NO_WORK_BUFFERS = 1,     /* the paths taken without copies / scratch */
        OPT_STREAM = 2,              /* every int32 output by non-temporal stores */
        OPT_NO_STREAM = 4 };         /* none (default: outputs past the last-level cache) */
@@ -101,7 +103,7 @@ enum { NEED_POPCNT = 1 << 0, NEED_AVX = 1 << 1, NEED_AVX2 = 1 << 2, NEED_FMA = 1
        NEED_BMI = 1 << 4, NEED_BMI2 = 1 << 5, NEED_LZCNT = 1 << 6, NEED_MOVBE = 1 << 7,
        NEED_F16C = 1 << 8, NEED_AVX512F = 1 << 9, NEED_AVX512BW = 1 << 10,
        NEED_AVX512VL = 1 << 11, NEED_AVX512DQ = 1 << 12, NEED_AVX512CD = 1 << 13,
-       NEED_VPOPCNTDQ = 1 << 14 };
+       NEED_VPOPCNTDQ = 1 << 14, NEED_VNNI = 1 << 15, NEED_VBMI = 1 << 16, NEED_GFNI = 1 << 17 };
 
 typedef void gemm_fn(int algo, int options, const word_t *a, const word_t *b, long m, long n,
                      long k, long planes, const int32_t *threshold, const uint8_t *row_class,
@@ -200,6 +202,7 @@ static const kernel_t kernels[] = {
     {"avx2-vertical", bnn_avx2_gemm, &bnn_avx2_needs, ALGO_VERTICAL, 256},
     {"avx512", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_TILE, 0},
     {"avx512-vertical", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_VERTICAL, 512},
+    {"avx512-vnni", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_VNNI, 0},
 };
 #define N_KERNELS ((int)(sizeof kernels / sizeof kernels[0]))
 
@@ -272,7 +275,8 @@ static int cpu_has(unsigned needs)
     HAS(NEED_BMI, "bmi") HAS(NEED_BMI2, "bmi2") HAS(NEED_LZCNT, "lzcnt") HAS(NEED_MOVBE, "movbe")
     HAS(NEED_F16C, "f16c") HAS(NEED_AVX512F, "avx512f") HAS(NEED_AVX512BW, "avx512bw")
     HAS(NEED_AVX512VL, "avx512vl") HAS(NEED_AVX512DQ, "avx512dq") HAS(NEED_AVX512CD, "avx512cd")
-    HAS(NEED_VPOPCNTDQ, "avx512vpopcntdq")
+    HAS(NEED_VPOPCNTDQ, "avx512vpopcntdq") HAS(NEED_VNNI, "avx512vnni")
+    HAS(NEED_VBMI, "avx512vbmi") HAS(NEED_GFNI, "gfni")
 #undef HAS
     return 1;
 #else
@@ -281,12 +285,14 @@ static int cpu_has(unsigned needs)
 #endif
 }
 
-/* Whether a kernel is in this build and the CPU can run it. */
+/* Whether a kernel is in this build and the CPU can run it: its object's
+ * features, and those its algorithm's functions take by target attributes. */
 int bnn_kernel_runs(int kernel)
 {
     if (kernel < 0 || kernel >= N_KERNELS || kernels[kernel].gemm == NULL)
         return 0;
-    return kernels[kernel].needs == NULL || cpu_has(*kernels[kernel].needs);
+    unsigned algo_needs = kernels[kernel].algo == ALGO_VNNI ? NEED_VNNI | NEED_VBMI | NEED_GFNI : 0;
+    return kernels[kernel].needs == NULL || cpu_has(*kernels[kernel].needs | algo_needs);
 }
 
 /* Whether it runs and can take the product. */
@@ -300,11 +306,12 @@ int bnn_kernel_serves(int kernel, long m, long n, long k, long planes)
 }
 
 /* Whether it serves the product without wasting much: a vertical kernel's
- * last block of B at most 1/4 padding. */
+ * last block of B at most 1/4 padding; the VNNI kernel over bit planes
+ * (elsewhere it runs the avx512 kernel's path). */
 int bnn_kernel_pays(int kernel, long m, long n, long k, long planes)
 {
     long lanes = kernels[kernel >= 0 && kernel < N_KERNELS ? kernel : 0].lanes;
-    if (!bnn_kernel_serves(kernel, m, n, k, planes))
+    if (!bnn_kernel_serves(kernel, m, n, k, planes) || (kernels[kernel].algo == ALGO_VNNI && planes == 1))
         return 0;
     return lanes == 0 || 4 * ((n + lanes - 1) / lanes * lanes - n) <= (n + lanes - 1) / lanes * lanes;
 }
@@ -596,8 +603,8 @@ void bnn_baseline_gemm(const float *a, const float *b, float *c,
  * bnn_<isa>_gemm, bnn_<isa>_pack, bnn_<isa>_pack_planes, with the CPU
  * features the object needs (bnn_<isa>_needs) and its popcount's name.
  * An object compiles the shared part (4.1), the variants its instruction
- * set has (scalar: 4.2; avx2: 4.3, 4.4; avx512: 4.5, 4.6 and, of 4.3, the
- * word loads and transpose the vertical kernel uses) and the driver (4.7).
+ * set has (scalar: 4.2; avx2: 4.3, 4.4; avx512: 4.5 - 4.7 and, of 4.3, the
+ * word loads and transpose the vertical kernel uses) and the driver (4.8).
  * ===================================================================== */
 #if !defined(BNN_ISA)
 #if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
@@ -860,6 +867,8 @@ typedef struct {
     int harley_seal;            /* rows of HS_MIN_WORDS words or more: set with the copies */
     const uint8_t *pixels;      /* planes == 8, AVX2: A as pixel bytes, or NULL */
     const uint8_t *masks;       /* ... and B as byte masks (kw * 64 bytes a row) */
+    const int32_t *vnni_w;      /* planes == 8, VNNI: B as +-1 bytes (vnni_weights), or NULL */
+    const int32_t *vnni_bias;   /* ... and 255 popcount of B's rows */
     const int32_t *threshold;   /* NULL: store dot products; else classes x n */
     const uint8_t *row_class;   /* each output row's row of threshold; NULL: row 0 */
     void *out;
@@ -2232,7 +2241,107 @@ static long plane_kernel(const word_t *a, const word_t *b, long ld, long n)
  * ===================================================================== */
 
 /* ========================================================================
- * 4.7 The driver: a block's tiles or planes, a task's blocks, and the
+ * 4.7 avx512-vnni, over avx512: the bit planes as pixel bytes times +-1
+ * weight bytes (VNNI), the avx512 kernel's path elsewhere.  Its own
+ * kernel of the avx512 object (ALGO_VNNI), whose extra features (VNNI,
+ * VBMI, GFNI) its functions take by target attributes.
+ * ===================================================================== */
+#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
+/* The VNNI plane kernel (kernel "avx512-vnni": the features past the
+ * object's by target attributes, checked by the common part).  Over bit
+ * planes, P = sum_p 2^p popcount(a_p XOR b) counts for each bit t of K the
+ * pixel x_t where b_t = 0 and 255 - x_t where b_t = 1:
+ *     P = 255 popcount(b) + sum_t x_t s_t,   s_t = b_t ? -1 : +1,
+ * unsigned pixel bytes times signed +-1 bytes, which vpdpbusd adds 4 at a
+ * time into 16 int32 lanes: 16 units a vector, 4 vectors a pass.  An
+ * image's word of 8 planes goes back into 64 pixel bytes by a byte
+ * transpose (vpermb: byte q of plane p to byte 8 q + 7 - p) and a bit
+ * transpose of each 8 x 8 block (gf2p8affineqb against the bytes 1 << j).
+ * Bits past K are 0 in A: their bytes add 0.  The weights (per block of 64
+ * units, word and group of 4 bits, 64 int32) and 255 popcount(b) are made
+ * once per call (vnni_weights); units past N have 0 weights. */
+#define VNNI_PLANES 1
+#define VNNI_UNITS 64
+#define VNNI_TARGET __attribute__((target("avx512bw,avx512vnni,avx512vbmi,gfni")))
+static const uint8_t byte_transpose[64] __attribute__((aligned(64))) = {
+    56, 48, 40, 32, 24, 16, 8, 0, 57, 49, 41, 33, 25, 17, 9, 1,
+    58, 50, 42, 34, 26, 18, 10, 2, 59, 51, 43, 35, 27, 19, 11, 3,
+    60, 52, 44, 36, 28, 20, 12, 4, 61, 53, 45, 37, 29, 21, 13, 5,
+    62, 54, 46, 38, 30, 22, 14, 6, 63, 55, 47, 39, 31, 23, 15, 7};
+
+VNNI_TARGET static inline __m512i pixel_bytes(const word_t *planes, long kw)
+{
+    __m512i words = kw == 1 ? _mm512_loadu_si512(planes)
+                            : _mm512_i64gather_epi64(_mm512_set_epi64(7 * kw, 6 * kw, 5 * kw, 4 * kw,
+                                                                      3 * kw, 2 * kw, kw, 0), planes, 8);
+    __m512i bytes = _mm512_permutexvar_epi8(_mm512_load_si512(byte_transpose), words);
+    return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(0x8040201008040201LL), bytes, 0);
+}
+
+/* One K slice of images img0 .. img1 - 1 against units n0 .. n1 - 1:
+ * their P into pop (NB a row; n0 is a multiple of NB, so a pass of 64
+ * units stays in the row). */
+VNNI_TARGET static void vnni_plane_block(const gemm_args *g, int32_t *pop, long img0, long img1,
+                                         long n0, long n1, long k0, long kc)
+{
+    long kw = g->kw;
+    for (long img = img0; img < img1; img++) {
+        int32_t *c = pop + (img - img0) * NB - n0;
+        for (long j = n0; j < n1; j += VNNI_UNITS) {
+            const int32_t *w = g->vnni_w + j * kw * 16;
+            __m512i acc[4];
+            for (int v = 0; v < 4; v++)
+                acc[v] = _mm512_loadu_si512(k0 == 0 ? g->vnni_bias + j + 16 * v : c + j + 16 * v);
+            for (long k = k0; k < k0 + kc; k++) {
+                uint32_t x[16] __attribute__((aligned(64)));
+                _mm512_store_si512(x, pixel_bytes(g->a + img * PLANES * kw + k, kw));
+                long groups = (g->k - 64 * k + 3) / 4 < 16 ? (g->k - 64 * k + 3) / 4 : 16;
+                for (long q = 0; q < groups; q++) {
+                    __m512i xq = _mm512_set1_epi32((int)x[q]);
+                    const int32_t *wq = w + (k * 16 + q) * VNNI_UNITS;
+                    for (int v = 0; v < 4; v++)
+                        acc[v] = _mm512_dpbusd_epi32(acc[v], xq, _mm512_load_si512(wq + 16 * v));
+                }
+            }
+            for (int v = 0; v < 4; v++)
+                _mm512_storeu_si512(c + j + 16 * v, acc[v]);
+        }
+    }
+}
+
+/* The VNNI plane kernel's weights: for each block of 64 units, word k and
+ * group q of 4 bits, 64 int32 of 4 signed bytes s_t = b_t ? -1 : +1, then
+ * 255 popcount(b_j) per unit (g->vnni_bias); 0 past n.  NULL if memory is
+ * short (the plane kernel runs instead). */
+static int32_t *vnni_weights(gemm_args *g)
+{
+    long units = (g->n + VNNI_UNITS - 1) / VNNI_UNITS * VNNI_UNITS, kw = g->kw;
+    int32_t *w = aligned_alloc(64, (size_t)units * (kw * 16 + 1) * sizeof(int32_t));
+    if (w == NULL)
+        return NULL;
+    int32_t *bias = w + units * kw * 16;
+    for (long j = 0; j < units; j++) {
+        long ones = 0;
+        for (long k = 0; k < kw; k++) {
+            word_t bits = j < g->n ? g->b[j * kw + k] : 0;
+            ones += popcount_word(bits);
+            for (long q = 0; q < 16; q++) {
+                uint32_t s = 0;
+                for (int t = 0; t < 4 && j < g->n; t++)
+                    s |= (bits >> (4 * q + t) & 1 ? 0xffu : 0x01u) << (8 * t);
+                w[((j / VNNI_UNITS * kw + k) * 16 + q) * VNNI_UNITS + j % VNNI_UNITS] = (int32_t)s;
+            }
+        }
+        bias[j] = (int32_t)(255 * ones);
+    }
+    g->vnni_w = w;
+    g->vnni_bias = bias;
+    return w;
+}
+#endif
+
+/* ========================================================================
+ * 4.8 The driver: a block's tiles or planes, a task's blocks, and the
  * object's gemm entry, which dispatches to the variants above.
  * ===================================================================== */
 /* One K slice of a block of the ordinary GEMM: register tiles, then edges.
@@ -2283,6 +2392,12 @@ static void plane_block(const gemm_args *g, int32_t *pop, long m0, long m1,
                         long n0, long n1, long k0, long kc)
 {
     long kw = g->kw;
+#if defined(VNNI_PLANES)
+    if (g->vnni_w != NULL) {
+        vnni_plane_block(g, pop, m0 / PLANES, m1 / PLANES, n0, n1, k0, kc);
+        return;
+    }
+#endif
 #if defined(BYTE_PLANES)
     if (g->pixels != NULL && g->masks != NULL) {
         long ld = kw * 64, images0 = m0 / PLANES, images1 = m1 / PLANES;
@@ -2407,6 +2522,7 @@ static void advise_huge_pages(void *p, size_t bytes)
 }
 
 
+
 /* The object's bnn_xnor_gemm (see the common part): algo ALGO_VERTICAL
  * runs the vertical kernel where the object has one and the rows fit it,
  * else the tile kernels; options OPT_*. */
@@ -2461,9 +2577,17 @@ void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b, long 
         byte_planes_and_masks(a, b, m, n, g.kw, &pixels, &masks, n_threads))
         g.m_run = blocks_per_task(g.m_blocks, panels, n_threads, PLANE_RUN_BLOCKS);
 #endif
+#if defined(VNNI_PLANES)
+    int32_t *vnni = NULL;
+    if (algo == ALGO_VNNI && planes == PLANES && use_work_buffers && (vnni = vnni_weights(&g)) != NULL)
+        g.m_run = blocks_per_task(g.m_blocks, panels, n_threads, PLANES);   /* images <= MB */
+#endif
     g.pixels = pixels;
     g.masks = masks;
     run_parallel(gemm_task, &g, panels * ((g.m_blocks + g.m_run - 1) / g.m_run), n_threads);
+#if defined(VNNI_PLANES)
+    free(vnni);
+#endif
     free(copies);
     free(pixels);
     free(masks);

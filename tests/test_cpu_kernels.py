@@ -1,6 +1,6 @@
 """The C kernels (kernels/xnor_cpu.c, kernels/cpu.py) bit for bit against the
 PyTorch references: every kernel this CPU runs forced by name (the reference,
-scalar, AVX2, AVX-512 and both vertical kernels) on shapes at every tile,
+scalar, AVX2, AVX-512, both vertical kernels and the VNNI plane kernel) on shapes at every tile,
 block, word and lane edge and on unseen random shapes, with and without bit
 planes, threshold outputs, streamed outputs and work buffers; each build
 variant; the thread pool; the measured kernel choice and its cache; a
@@ -317,7 +317,7 @@ def test_build_cache_rebuilds_on_source_change(tmp_path, monkeypatch):
 # Every kernel by name; the measured choice; builds
 # ---------------------------------------------------------------------------
 
-KERNELS = ["reference", "scalar", "avx2", "avx2-vertical", "avx512", "avx512-vertical"]
+KERNELS = ["reference", "scalar", "avx2", "avx2-vertical", "avx512", "avx512-vertical", "avx512-vnni"]
 X86 = cpu_kernels.platform.machine() == "x86_64"
 
 
@@ -542,7 +542,7 @@ def test_kernels_run_where_the_cpu_has_their_features(lib):
     v3 = v2 | {"avx", "avx2", "fma", "bmi1", "bmi2", "movbe", "f16c", "abm"}
     v4 = v3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vpopcntdq"}
     needs = {"reference": set(), "scalar": v2, "avx2": v3, "avx2-vertical": v3, "avx512": v4,
-             "avx512-vertical": v4}
+             "avx512-vertical": v4, "avx512-vnni": v4 | {"avx512_vnni", "avx512vbmi", "gfni"}}
     runs = set(cpu_kernels.runnable_kernels(lib))
     for kernel, features in needs.items():
         assert (kernel in runs) == (features <= flags), kernel
