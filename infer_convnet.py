@@ -151,7 +151,7 @@ class BinaryConv:
         thresholds = (self.threshold - correction + self.offset).to(torch.int32)
         pool_table = None
         if self.pool:
-            pool_table = word_table(images[:, :, :1] + pool_windows(h, w).to(device), self.out_words)
+            pool_table = word_table(images + pool_windows(h, w).to(device), self.out_words)
         return LayerPlan(word_table(table, self.in_words), window_class.to(torch.uint8).repeat(batch),
                          thresholds, pool_table)
 

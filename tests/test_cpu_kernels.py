@@ -1,8 +1,9 @@
 """The C kernels (kernels/xnor_cpu.c, kernels/cpu.py) bit for bit against the
 PyTorch references: every kernel this CPU runs forced by name (the reference,
-scalar, AVX2, AVX-512, both vertical kernels and the VNNI plane kernel) on shapes at every tile,
-block, word and lane edge and on unseen random shapes, with and without bit
-planes, threshold outputs, streamed outputs and work buffers; each build
+scalar, AVX2, AVX-512, both vertical kernels, the VNNI plane kernel) on shapes
+at every tile, block, word and lane edge and on unseen random shapes, with and
+without bit planes, threshold outputs (by row class too), streamed outputs and
+work buffers; each build
 variant; the thread pool; the measured kernel choice and its cache; a
 portable build where -march=native fails; kernels the CPU cannot run refused;
 the fallback without a compiler and the build cache.  No timing is asserted."""
