@@ -13,11 +13,14 @@ commands and the CPU, so an edit of the source or a move to another machine
 rebuilds it.  It is written to a temporary file and renamed, so concurrent
 first uses never load half a file.
 
-The kernel for each class of product (rows, words of K, bit planes or not:
-bnn_product_class) is chosen by timing the candidates this CPU runs on a
-slice of the first product of that class (a few ms), and the order found is
-cached beside the library, keyed the same way (xnor_cpu-<key>.choice.json),
-so it is measured again when the source or the CPU changes.
+The kernel for each class of product (rows, words of K, rows of B, bit
+planes or not: bnn_product_class) is chosen by timing the candidates this CPU
+runs on a slice of the first product of that class (a few ms), and the order
+found is cached beside the library, keyed the same way
+(xnor_cpu-<key>.choice.json), so it is measured again when the source or the
+CPU changes; within the file each order is keyed by its class's ranges
+(bnn_class_name), so that an order measured under other class edges is never
+read.
 BINARYNET_KERNEL=name forces a kernel (for tests and the benchmark; "default"
 takes xnor_cpu.c's default table); a kernel the CPU cannot run is an error,
 never a call.
@@ -57,8 +60,9 @@ NATIVE_FLAGS = ["-march=native"]        # other machines: one object, for this C
 KERNEL_ENV = "BINARYNET_KERNEL"
 # Options of bnn_xnor_gemm_kernel (OPT_* in xnor_cpu.c).
 NO_WORK_BUFFERS, STREAM, NO_STREAM = 1, 2, 4
-# The slice of a product that the choice is timed on (rows of A, rows of B,
-# words of K at most), and the calls per candidate (the first one warms up).
+# The slice of a product that the choice is timed on (rows of A, rows of B
+# and words of K at most: its work), and the calls per candidate (the first
+# one warms up).
 MEASURE_ROWS, MEASURE_COLS, MEASURE_WORDS, MEASURE_CALLS = 64, 512, 32, 3
 
 
@@ -157,8 +161,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         f.restype = None
     for f in (lib.bnn_product_class, lib.bnn_default_kernel):
         f.argtypes, f.restype = [n, n, n, n], i
-    for f in (lib.bnn_kernel_serves, lib.bnn_kernel_pays):
+    for f in (lib.bnn_kernel_serves, lib.bnn_kernel_pays, lib.bnn_kernel_may_pay):
         f.argtypes, f.restype = [i, n, n, n, n], i
+    lib.bnn_class_count.argtypes, lib.bnn_class_count.restype = [], i
+    lib.bnn_class_name.argtypes, lib.bnn_class_name.restype = [i, s, n], None
     lib.bnn_kernel_count.argtypes, lib.bnn_kernel_count.restype = [], i
     lib.bnn_kernel_name.argtypes, lib.bnn_kernel_name.restype = [i], s
     lib.bnn_kernel_runs.argtypes, lib.bnn_kernel_runs.restype = [i], i
@@ -186,7 +192,7 @@ def _load():
     if not lib.bnn_popcount_kind():
         warn(f"no kernel of {SOURCE.name} runs on this CPU; using the pure-PyTorch path")
         return None
-    lib.binarynet_choices = Choices(path.with_suffix(".choice.json"))
+    lib.binarynet_choices = Choices(path.with_suffix(".choice.json"), class_names(lib))
     return lib
 
 
@@ -248,12 +254,30 @@ def kernel_index(lib, name: str) -> int:
     return names.index(name)
 
 
+def class_names(lib) -> list:
+    """The name of every class of product (bnn_class_name), by class."""
+    names = []
+    for c in range(lib.bnn_class_count()):
+        name = ctypes.create_string_buffer(96)
+        lib.bnn_class_name(c, name, len(name))
+        names.append(name.value.decode())
+    return names
+
+
+def class_name(lib, m: int, n: int, k: int, planes: int) -> str:
+    """The class of a product by name: the key of its measured order."""
+    return lib.binarynet_choices.names[lib.bnn_product_class(m, n, k, planes)]
+
+
 class Choices:
     """The measured order of the kernels for each class of product, kept in
-    a JSON file beside the library (same key: rebuilt, re-measured)."""
+    a JSON file beside the library (same key: rebuilt, re-measured), keyed
+    by the class's name: keys of other class edges (an older layout) are
+    never read, and dropped when the file is next written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, names: list):
         self.path = path
+        self.names = names
         self.lock = threading.Lock()
         try:
             self.order = json.loads(path.read_text())
@@ -269,6 +293,7 @@ class Choices:
         except (OSError, ValueError):
             merged = {}
         merged.update(self.order)
+        merged = {name: merged[name] for name in self.names if name in merged}
         try:
             fd, partial = tempfile.mkstemp(suffix=".json", dir=self.path.parent)
             with os.fdopen(fd, "w") as f:
@@ -279,31 +304,35 @@ class Choices:
 
 
 def measure_order(lib, a, b, k: int, planes: int) -> list:
-    """The kernels this CPU runs that serve the product (but the reference),
-    fastest first, timed on a slice of it: MEASURE_COLS rows of B (B's rows
-    repeated if it has fewer: no padded block favours a kernel), at most
+    """The kernels this CPU runs that serve the product and pay for some N
+    of its class (but the reference), fastest first, timed on a slice of it:
+    its own rows of B up to MEASURE_COLS (the order moves with N), at most
     MEASURE_WORDS words of K (257 where K is past what the vertical kernels
     take, so that the slice stays in the product's class of K) and as many
-    rows of A as make the work of MEASURE_ROWS rows of MEASURE_WORDS words.  Each candidate: MEASURE_CALLS calls on one
-    thread, the least CPU time of the calling thread of all but the first:
-    on a busy machine, the time another process holds the core does not
-    count (wall-clock times of 0.1 ms calls there were 2-16 ms, any order)."""
+    rows of A as make the work of MEASURE_ROWS x MEASURE_COLS rows of
+    MEASURE_WORDS words.  Each candidate: MEASURE_CALLS calls on one thread,
+    the least CPU time of the calling thread of all but the first: on a busy
+    machine, the time another process holds the core does not count
+    (wall-clock times of 0.1 ms calls there were 2-16 ms, any order)."""
     kw = a.shape[1]
     words = kw if kw <= MEASURE_WORDS else MEASURE_WORDS if kw <= 256 else 257
-    m = max(1, min(a.shape[0], MEASURE_ROWS * MEASURE_WORDS // words) // planes)
+    cols = min(b.shape[0], MEASURE_COLS)
+    rows = MEASURE_ROWS * MEASURE_COLS * MEASURE_WORDS // (cols * words)
+    m = max(1, min(a.shape[0], rows) // planes)
     a = a[: m * planes, :words].contiguous()
-    b = b.repeat((MEASURE_COLS + b.shape[0] - 1) // b.shape[0], 1)[:MEASURE_COLS, :words].contiguous()
+    b = b[:cols, :words].contiguous()
     k = min(k, 64 * words)
-    out = torch.empty(m, MEASURE_COLS, dtype=torch.int32)
+    out = torch.empty(m, cols, dtype=torch.int32)
     names = kernel_names(lib)
     times = {}
     for i, name in enumerate(names):
-        if name == "reference" or not lib.bnn_kernel_serves(i, m, MEASURE_COLS, k, planes):
+        if name == "reference" or not lib.bnn_kernel_serves(i, m, cols, k, planes) or \
+                not lib.bnn_kernel_may_pay(i, m, cols, k, planes):
             continue
         best = float("inf")
         for call in range(MEASURE_CALLS):
             start = time.thread_time()
-            lib.bnn_xnor_gemm_kernel(i, 0, a.data_ptr(), b.data_ptr(), m, MEASURE_COLS, k, planes,
+            lib.bnn_xnor_gemm_kernel(i, 0, a.data_ptr(), b.data_ptr(), m, cols, k, planes,
                                      None, None, out.data_ptr(), 1)
             if call > 0:
                 best = min(best, time.thread_time() - start)
@@ -323,7 +352,7 @@ def chosen_kernel(lib, a, b, m: int, n: int, k: int, planes: int) -> int:
         if lib.bnn_kernel_serves(index, m, n, k, planes):
             return index
     choices = lib.binarynet_choices
-    product_class = str(lib.bnn_product_class(m, n, k, planes))
+    product_class = class_name(lib, m, n, k, planes)
     order = choices.order.get(product_class)
     if order is None:
         with choices.lock:

@@ -206,19 +206,30 @@ static const kernel_t kernels[] = {
 };
 #define N_KERNELS ((int)(sizeof kernels / sizeof kernels[0]))
 
-/* Classes of product: rows of A (output rows x planes) and words of K
- * (bit planes or not makes a class of its own in the measured choice). */
+/* Classes of product: rows of A (output rows x planes), words of K, rows
+ * of B (N), and bit planes or not; kernels/cpu.py measures an order of the
+ * kernels for each.  The edges of N: below 32 the AVX2 tile kernel's 8
+ * columns and its per-task copy of B do not pay (avx512 ahead where avx2
+ * leads at 512 columns); below 192 no vertical kernel pays (a block of B
+ * more than 1/4 padding, bnn_kernel_pays); from 512 the order is the one
+ * of the measured slice's 512 columns (docs/cpu_kernels.md). */
 #define ROW_CLASSES 4
 #define WORD_CLASSES 4
+#define COL_CLASSES 4
 static const long row_edges[ROW_CLASSES - 1] = {16, 64, 256};
 static const long word_edges[WORD_CLASSES - 1] = {4, 32, VERT_MAX_WORDS + 1};
+static const long col_edges[COL_CLASSES - 1] = {32, 192, 512};
 
 /* The default table: for each class, the kernels in order of preference;
  * the first that runs here and pays (bnn_kernel_pays) serves it.
  * kernels/cpu.py replaces it, class by class, by the order measured on the
  * user's CPU at first use (docs/cpu_kernels.md has the measurements).
  * Vertical kernels from 64 rows of A and 4 words: below, transposing B costs
- * more than the kernel saves. */
+ * more than the kernel saves.  The table ignores N: N decides whether a
+ * vertical kernel pays, which bnn_kernel_pays checks for each product, and
+ * the order of the tile kernels, which moves with N (avx512 ahead of avx2
+ * at 10 columns, behind it at 13 words from about 32), is the measured
+ * choice's; the table is what runs where nothing was measured. */
 #define TILES "avx512 avx2 scalar"
 #define VERTICAL "avx512-vertical avx2-vertical " TILES
 static const char *const default_table[ROW_CLASSES][WORD_CLASSES] = {
@@ -237,13 +248,43 @@ static int bucket(long x, const long *edges, int n_edges)
     return c;
 }
 
-/* The class of a product: 0 .. 2 * ROW_CLASSES * WORD_CLASSES - 1. */
+/* The class of a product: 0 .. bnn_class_count() - 1. */
 int bnn_product_class(long m, long n, long k, long planes)
 {
-    (void)n;
     int rows = bucket(m * planes, row_edges, ROW_CLASSES - 1);
     int words = bucket((k + 63) / 64, word_edges, WORD_CLASSES - 1);
-    return ((planes > 1) * ROW_CLASSES + rows) * WORD_CLASSES + words;
+    int cols = bucket(n, col_edges, COL_CLASSES - 1);
+    return (((planes > 1) * ROW_CLASSES + rows) * WORD_CLASSES + words) * COL_CLASSES + cols;
+}
+
+int bnn_class_count(void)
+{
+    return 2 * ROW_CLASSES * WORD_CLASSES * COL_CLASSES;
+}
+
+/* Bucket c of edges as "what lo-hi" (or "what lo+" for the last). */
+static int range_name(char *out, size_t size, const char *what, int c, const long *edges,
+                      int n_edges)
+{
+    long lo = c == 0 ? 1 : edges[c - 1];
+    if (c == n_edges)
+        return snprintf(out, size, "%s %ld+", what, lo);
+    return snprintf(out, size, "%s %ld-%ld", what, lo, edges[c] - 1);
+}
+
+/* A class by its ranges, e.g. "rows 64-255 words 4-31 cols 192-511 planes 1"
+ * (planes 8: bit planes): kernels/cpu.py keys its measured orders by it,
+ * so that an order measured under other edges is never read for a class. */
+void bnn_class_name(int c, char *out, long size)
+{
+    char rows[32], words[32], cols[32];
+    range_name(rows, sizeof rows, "rows", c / (COL_CLASSES * WORD_CLASSES) % ROW_CLASSES, row_edges,
+               ROW_CLASSES - 1);
+    range_name(words, sizeof words, "words", c / COL_CLASSES % WORD_CLASSES, word_edges,
+               WORD_CLASSES - 1);
+    range_name(cols, sizeof cols, "cols", c % COL_CLASSES, col_edges, COL_CLASSES - 1);
+    snprintf(out, (size_t)size, "%s %s %s planes %d", rows, words, cols,
+             c / (COL_CLASSES * WORD_CLASSES * ROW_CLASSES) ? 8 : 1);
 }
 
 int bnn_kernel_count(void)
@@ -316,6 +357,20 @@ int bnn_kernel_pays(int kernel, long m, long n, long k, long planes)
     return lanes == 0 || 4 * ((n + lanes - 1) / lanes * lanes - n) <= (n + lanes - 1) / lanes * lanes;
 }
 
+/* Whether it pays for some N of the class of n (the measured choice times
+ * only those kernels). */
+int bnn_kernel_may_pay(int kernel, long m, long n, long k, long planes)
+{
+    int c = bucket(n, col_edges, COL_CLASSES - 1);
+    long lanes = kernels[kernel >= 0 && kernel < N_KERNELS ? kernel : 0].lanes;
+    long lo = c == 0 ? 1 : col_edges[c - 1];
+    long hi = c == COL_CLASSES - 1 ? lo + lanes + 1 : col_edges[c];   /* last: a whole block */
+    for (long x = lo; x < hi; x++)
+        if (bnn_kernel_pays(kernel, m, x, k, planes))
+            return 1;
+    return 0;
+}
+
 /* The first kernel of a space-separated list that pays, or -1. */
 static int first_paying(const char *list, long m, long n, long k, long planes)
 {
@@ -334,8 +389,9 @@ static int first_paying(const char *list, long m, long n, long k, long planes)
  * object runs). */
 int bnn_default_kernel(long m, long n, long k, long planes)
 {
-    int c = bnn_product_class(m, n, k, planes) % (ROW_CLASSES * WORD_CLASSES);
-    int kernel = first_paying(default_table[c / WORD_CLASSES][c % WORD_CLASSES], m, n, k, planes);
+    int rows = bucket(m * planes, row_edges, ROW_CLASSES - 1);
+    int words = bucket((k + 63) / 64, word_edges, WORD_CLASSES - 1);
+    int kernel = first_paying(default_table[rows][words], m, n, k, planes);
     return kernel >= 0 ? kernel : 0;
 }
 

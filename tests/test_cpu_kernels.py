@@ -588,43 +588,126 @@ def test_default_table(lib):
             assert m * planes >= 64 and 4 <= (k + 63) // 64 <= 256 and n != 300
 
 
-@needs_c
-def test_choice_measured_cached_and_remeasured(tmp_path, monkeypatch):
-    """The first product of a class times the candidates and writes their
-    order beside the library; a new process (a fresh load) reads it and
-    measures nothing; an edited source is a new build and a new choice."""
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A copy of the source whose build and choice file go to a cache of the
+    test's own, no forced kernel; the library loaded afresh before and after.
+    Yields the copy."""
     source = tmp_path / "xnor_cpu.c"
     source.write_text(cpu_kernels.SOURCE.read_text())
     monkeypatch.setattr(cpu_kernels, "SOURCE", source)
     monkeypatch.setenv("BINARYNET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(cpu_kernels.KERNEL_ENV, raising=False)
     cpu_kernels._load.cache_clear()
-    try:
-        lib = cpu_kernels.library()
-        a, b = operands(100, 784, 1000, seed=2)
-        a_words, b_words = bo.pack(a), bo.pack(b)
-        expected = sign_matrix(a) @ sign_matrix(b).T
-        out = cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1)
-        assert torch.equal(out.long(), expected)
-        files = list((tmp_path / "cache").glob("*.choice.json"))
-        assert len(files) == 1
-        order = json.loads(files[0].read_text())
-        product_class = str(lib.bnn_product_class(100, 1000, 784, 1))
-        candidates = [k for k in cpu_kernels.runnable_kernels(lib) if k != "reference"]
-        assert sorted(order[product_class]) == sorted(candidates)
+    yield source
+    cpu_kernels._load.cache_clear()
 
-        cpu_kernels._load.cache_clear()
-        monkeypatch.setattr(cpu_kernels, "measure_order", lambda *args: pytest.fail("measured"))
-        lib = cpu_kernels.library()
-        assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1).long(), expected)
 
-        source.write_text(source.read_text() + "\n/* edited */\n")
-        cpu_kernels._load.cache_clear()
-        lib = cpu_kernels.library()
-        with pytest.raises(pytest.fail.Exception):
-            cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1)
-    finally:
-        cpu_kernels._load.cache_clear()
+@needs_c
+def test_choice_measured_cached_and_remeasured(tmp_path, monkeypatch, own_cache):
+    """The first product of a class times the candidates and writes their
+    order beside the library; a new process (a fresh load) reads it and
+    measures nothing; an edited source is a new build and a new choice."""
+    lib = cpu_kernels.library()
+    a, b = operands(100, 784, 1000, seed=2)
+    a_words, b_words = bo.pack(a), bo.pack(b)
+    expected = sign_matrix(a) @ sign_matrix(b).T
+    out = cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1)
+    assert torch.equal(out.long(), expected)
+    files = list((tmp_path / "cache").glob("*.choice.json"))
+    assert len(files) == 1
+    order = json.loads(files[0].read_text())
+    assert list(order) == ["rows 64-255 words 4-31 cols 512+ planes 1"]
+    candidates = [k for k in cpu_kernels.runnable_kernels(lib) if k != "reference"]
+    assert sorted(order["rows 64-255 words 4-31 cols 512+ planes 1"]) == sorted(candidates)
+
+    cpu_kernels._load.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "measure_order", lambda *args: pytest.fail("measured"))
+    lib = cpu_kernels.library()
+    assert torch.equal(cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1).long(), expected)
+
+    own_cache.write_text(own_cache.read_text() + "\n/* edited */\n")
+    cpu_kernels._load.cache_clear()
+    lib = cpu_kernels.library()
+    with pytest.raises(pytest.fail.Exception):
+        cpu_kernels.xnor_gemm(lib, a_words, b_words, 784, 1)
+
+
+# The classes of product as docs/cpu_kernels.md documents them: rows of A
+# (M x planes) 1-15, 16-63, 64-255, 256+; words of K 1-3, 4-31, 32-256,
+# 257+; rows of B (N) 1-31, 32-191, 192-511, 512+; bit planes or not.
+CLASSES = [((10000, 10, 1024, 1), "rows 256+ words 4-31 cols 1-31 planes 1"),
+           ((100, 4096, 784, 1), "rows 64-255 words 4-31 cols 512+ planes 1"),
+           ((1, 1, 1, 1), "rows 1-15 words 1-3 cols 1-31 planes 1"),
+           ((15, 31, 192, 1), "rows 1-15 words 1-3 cols 1-31 planes 1"),
+           ((16, 32, 193, 1), "rows 16-63 words 4-31 cols 32-191 planes 1"),
+           ((63, 191, 64 * 31, 1), "rows 16-63 words 4-31 cols 32-191 planes 1"),
+           ((64, 192, 64 * 31 + 1, 1), "rows 64-255 words 32-256 cols 192-511 planes 1"),
+           ((255, 511, 64 * 256, 1), "rows 64-255 words 32-256 cols 192-511 planes 1"),
+           ((256, 512, 64 * 256 + 1, 1), "rows 256+ words 257+ cols 512+ planes 1"),
+           ((2, 64, 784, 8), "rows 16-63 words 4-31 cols 32-191 planes 8"),
+           ((32, 1024, 784, 8), "rows 256+ words 4-31 cols 512+ planes 8")]
+
+
+def test_product_classes_at_the_documented_edges(lib):
+    """A product's class, by name, on both sides of every documented edge;
+    products of one class share its number, products of two differ."""
+    for (m, n, k, planes), name in CLASSES:
+        assert cpu_kernels.class_name(lib, m, n, k, planes) == name, (m, n, k, planes)
+    numbers = {name: set() for _, name in CLASSES}
+    for shape, name in CLASSES:
+        numbers[name].add(lib.bnn_product_class(*shape))
+    assert all(len(n) == 1 for n in numbers.values())
+    assert len(set.union(*numbers.values())) == len(numbers)
+    assert len(set(cpu_kernels.class_names(lib))) == lib.bnn_class_count() == 2 * 4 * 4 * 4
+
+
+@needs_c
+def test_choice_of_another_class_layout_is_measured_again(monkeypatch, own_cache):
+    """A choice file written under other class edges (a number a class, as
+    before N made classes; a name of other edges): never read for a class,
+    which is measured, and left out of the file when it is written."""
+    lib = cpu_kernels.library()
+    path = lib.binarynet_choices.path
+    old = {str(c): ["scalar"] for c in range(32)}
+    old["rows 64-255 words 4-31 planes 1"] = ["scalar"]
+    path.write_text(json.dumps(old))
+    cpu_kernels._load.cache_clear()
+    lib = cpu_kernels.library()
+    measured = []
+    real = cpu_kernels.measure_order
+    monkeypatch.setattr(cpu_kernels, "measure_order",
+                        lambda *args: measured.append("measured") or real(*args))
+    a, b = operands(100, 784, 10, seed=6)
+    expected = sign_matrix(a) @ sign_matrix(b).T
+    out = cpu_kernels.xnor_gemm(lib, bo.pack(a), bo.pack(b), 784, 1)
+    assert torch.equal(out.long(), expected) and measured == ["measured"]
+    written = json.loads(path.read_text())
+    assert list(written) == ["rows 64-255 words 4-31 cols 1-31 planes 1"]
+    assert sorted(written["rows 64-255 words 4-31 cols 1-31 planes 1"]) == sorted(
+        k for k in cpu_kernels.runnable_kernels(lib) if not k.endswith(("reference", "vertical")))
+    cpu_kernels._load.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "measure_order", lambda *args: pytest.fail("measured"))
+    lib = cpu_kernels.library()
+    assert torch.equal(cpu_kernels.xnor_gemm(lib, bo.pack(a), bo.pack(b), 784, 1).long(), expected)
+
+
+@pytest.mark.parametrize("n", [1, 10, 31, 33, 200])
+def test_forced_and_chosen_kernels_exact_at_small_n(lib, monkeypatch, n):
+    """Every kernel this CPU runs, forced by BINARYNET_KERNEL, and the
+    measured choice, at few rows of B (the output layer's 10, the edges of
+    the classes of N): dot products and threshold outputs against an int64
+    recomputation."""
+    a, b = operands(300, 1024 + 17, n, seed=n)
+    expected = sign_matrix(a) @ sign_matrix(b).T
+    threshold = expected[torch.arange(n) % 300, torch.arange(n)].to(torch.int32)
+    threshold[::2] += 1
+    for kernel in cpu_kernels.runnable_kernels(lib) + [""]:
+        monkeypatch.setenv(cpu_kernels.KERNEL_ENV, kernel)
+        out = bo.xnor_matmul_packed(bo.pack(a), bo.pack(b), a.shape[1])
+        assert torch.equal(out.long(), expected), kernel
+        fired = cpu_kernels.xnor_gemm(lib, bo.pack(a), bo.pack(b), a.shape[1], 1, threshold)
+        assert torch.equal(fired, fire(expected, threshold)), kernel
 
 
 @needs_c
@@ -693,7 +776,7 @@ def test_kernel_not_in_the_library_is_refused(tmp_path, monkeypatch):
     subprocess.run(["gcc", "-O2", "-march=x86-64-v3", "-shared", "-fPIC", "-pthread",
                     str(cpu_kernels.SOURCE), "-o", str(path)], check=True)
     lib = cpu_kernels.declare(ctypes.CDLL(str(path)))
-    lib.binarynet_choices = cpu_kernels.Choices(tmp_path / "choice.json")
+    lib.binarynet_choices = cpu_kernels.Choices(tmp_path / "choice.json", cpu_kernels.class_names(lib))
     assert cpu_kernels.runnable_kernels(lib) == ["reference", "avx2", "avx2-vertical"]
     a, b = operands(8, 100, 9, seed=4)
     with pytest.raises(ValueError, match="cannot run"):
