@@ -15,11 +15,16 @@
 #                  (at once, on the same warm machine) waits for the full run, at most
 #                  FINISH_WAIT seconds (default 560), then runs --infer on the GPU and the
 #                  CPU and packs the weights' signs; call it again if the run is unfinished
+#   any device call: bash docs/runs/gpu_recipe.sh convnets  timeout_s 240 (issue 18 on the GPU)
+#                  the CUDA kernel and 1-bit ConvNet tests; one tiny epoch of cifar10.py and
+#                  svhn.py on files in the data sets' formats (random pixels), then --infer
+#                  --device cuda --limit 1000 on each: the 1-bit pass against cuDNN's float pass
 #
 # Everything the closing note needs comes back in $OUT (8 files at most a call):
 #   start:  timings.txt (the table), cuda_tests.log, timing_runs.tar.gz (metrics and logs)
 #   finish: summary.txt, mnist.jsonl, mnist.png, mnist.log, infer.log, infer.json,
 #           mnist_signs.npz (each binarized weight as its sign, the rest as trained; --infer reads it)
+#   convnets: convnet_tests.log, convnet_infer.log, cifar10_infer.json, svhn_infer.json
 # Every run is float32 throughout (TF32 off, binary_net.main sets it). SMOKE_ARGS, appended
 # to every run's flags, makes a quick rehearsal on the CPU, e.g.
 #   OUT=runs/smoke SMOKE_ARGS="--limit 200 --hidden-units 16 --epochs 2" bash docs/runs/gpu_recipe.sh start
@@ -164,7 +169,21 @@ EOF
     ls -l "$OUT"
 }
 
+convnets() {
+    python3 -m pytest -q tests/test_cuda_kernels.py tests/test_infer_convnet.py > "$OUT/convnet_tests.log" 2>&1
+    tail -n 3 "$OUT/convnet_tests.log"
+    for net in cifar10 svhn; do
+        python3 -c 'import sys; from pathlib import Path; sys.path[:0] = ["tests", "."]
+from test_infer_convnet import write_data
+write_data(Path(sys.argv[1]), sys.argv[2], n_test=1000)' "$W/$net" "$net"
+        timeout 120 python3 "$net.py" --epochs 1 --limit 200 --data-dir "$W/$net" --no-progress \
+            --save-path "$W/$net.npz" > "$W/$net.train.log" 2>&1 || tail -n 3 "$W/$net.train.log"
+        python3 binary_ops.py --infer "$W/$net.npz" --data-dir "$W/$net" --limit 1000 --device cuda \
+            --json "$OUT/${net}_infer.json" 2>&1 | tee -a "$OUT/convnet_infer.log"
+    done
+}
+
 case "${1:-}" in
-    prepare | start | finish) "$1" ;;
-    *) echo "usage: bash docs/runs/gpu_recipe.sh prepare|start|finish" >&2; exit 2 ;;
+    prepare | start | finish | convnets) "$1" ;;
+    *) echo "usage: bash docs/runs/gpu_recipe.sh prepare|start|finish|convnets" >&2; exit 2 ;;
 esac
