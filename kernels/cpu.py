@@ -23,7 +23,8 @@ CPU changes; within the file each order is keyed by its class's ranges
 read.
 BINARYNET_KERNEL=name forces a kernel (for tests and the benchmark; "default"
 takes xnor_cpu.c's default table); a kernel the CPU cannot run is an error,
-never a call.
+never a call.  BINARYNET_ISA=scalar or avx2 leaves the later x86 objects out of
+the build: what a CPU without them runs, measured on one that has them.
 
 `library()` returns None, after a one-line warning, when no compiler is found
 or the build fails; callers then take the pure-PyTorch path.  Setting
@@ -58,6 +59,9 @@ X86_OBJECTS = {
 }
 NATIVE_FLAGS = ["-march=native"]        # other machines: one object, for this CPU
 KERNEL_ENV = "BINARYNET_KERNEL"
+# BINARYNET_ISA=avx2 builds the x86 objects up to avx2 only: the library (and its
+# measured choice) that a CPU without AVX-512 gets, on any x86 machine.
+ISA_ENV = "BINARYNET_ISA"
 # Options of bnn_xnor_gemm_kernel (OPT_* in xnor_cpu.c).
 NO_WORK_BUFFERS, STREAM, NO_STREAM = 1, 2, 4
 # The slice of a product that the choice is timed on (rows of A, rows of B
@@ -83,10 +87,19 @@ def cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
+def x86_objects() -> dict:
+    """X86_OBJECTS up to BINARYNET_ISA's (all of them where it is unset)."""
+    top, names = os.environ.get(ISA_ENV, ""), list(X86_OBJECTS)
+    if top and top not in names:
+        warn(f"{ISA_ENV}={top} is not one of {', '.join(names)}; building them all")
+    last = names.index(top) if top in names else len(names) - 1
+    return {isa: X86_OBJECTS[isa] for isa in names[:last + 1]}
+
+
 def object_commands(compiler: str, folder: Path) -> dict:
     """The compile command of each kernel object, by instruction set."""
     if platform.machine() in ("x86_64", "AMD64"):
-        objects = X86_OBJECTS
+        objects = x86_objects()
     else:
         objects = {"scalar": NATIVE_FLAGS}
     return {isa: [compiler, *COMMON_FLAGS, *flags, "-DBNN_PART_KERNELS", f"-DBNN_ISA={isa}",

@@ -787,3 +787,27 @@ def test_kernel_not_in_the_library_is_refused(tmp_path, monkeypatch):
         cpu_kernels.xnor_gemm(lib, bo.pack(a), bo.pack(b), 100, 1)
     monkeypatch.delenv(cpu_kernels.KERNEL_ENV)
     check_product(lib, None, a, b)
+
+
+@needs_c
+def test_isa_cap_builds_what_an_avx2_cpu_gets(tmp_path, monkeypatch, capsys):
+    """BINARYNET_ISA=avx2: a library of the scalar and AVX2 objects only (what
+    a CPU without AVX-512 runs, its own build and choice), exact; an unknown
+    value is said in one line and builds every object."""
+    if not X86 or "avx2" not in cpu_kernels.cpu_signature().split():
+        pytest.skip("needs an AVX2 CPU")
+    monkeypatch.setenv("BINARYNET_CACHE", str(tmp_path))
+    monkeypatch.delenv(cpu_kernels.KERNEL_ENV, raising=False)
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx2")
+    cpu_kernels._load.cache_clear()
+    try:
+        lib = cpu_kernels.library()
+        assert cpu_kernels.runnable_kernels(lib) == ["reference", "scalar", "avx2", "avx2-vertical"]
+        for m, k, n in [(70, 1000, 300), (300, 4096 + 5, 700)]:
+            check_product(lib, None, *operands(m, k, n, seed=m))
+        monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx9")
+        assert list(cpu_kernels.x86_objects()) == list(cpu_kernels.X86_OBJECTS)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "BINARYNET_ISA=avx9 is not one of scalar, avx2, avx512" in err
+    finally:
+        cpu_kernels._load.cache_clear()
