@@ -152,45 +152,49 @@ pack_planes_op = _op(
                                     dtype=torch.int64))
 
 
-def _xnor_gemm_cpu(a, b, k, planes):
+# `layout` (optional, CPU only): b laid out once for the kernel that runs
+# (PackedWeights.layout_for), so a vertical kernel need not transpose b on
+# every call; made from this same b, or the call is refused.
+def _xnor_gemm_cpu(a, b, k, planes, layout=None):
     lib = cpu_kernels.library()
     if lib is None:
         return combine_planes(xnor_gemm_torch(a, b, k), planes)
-    return cpu_kernels.xnor_gemm(lib, a, b, k, planes)
+    return cpu_kernels.xnor_gemm(lib, a, b, k, planes, layout=layout)
 
 
 xnor_gemm_op = _op(
-    "xnor_gemm(Tensor a, Tensor b, int k, int planes) -> Tensor", _xnor_gemm_cpu,
-    lambda a, b, k, planes: combine_planes(cuda_kernels.xnor_gemm(a, b, k), planes),
-    lambda a, b, k, planes: a.new_empty(a.shape[0] // planes, b.shape[0], dtype=torch.int32))
+    "xnor_gemm(Tensor a, Tensor b, int k, int planes, Tensor? layout=None) -> Tensor", _xnor_gemm_cpu,
+    lambda a, b, k, planes, layout=None: combine_planes(cuda_kernels.xnor_gemm(a, b, k), planes),
+    lambda a, b, k, planes, layout=None: a.new_empty(a.shape[0] // planes, b.shape[0],
+                                                     dtype=torch.int32))
 
 
-def _xnor_gemm_out_cpu(a, b, k, out):
+def _xnor_gemm_out_cpu(a, b, k, out, layout=None):
     lib = cpu_kernels.library()
     if lib is None:
         out.copy_(xnor_gemm_torch(a, b, k))
     else:
-        cpu_kernels.xnor_gemm(lib, a, b, k, 1, out=out)
+        cpu_kernels.xnor_gemm(lib, a, b, k, 1, out=out, layout=layout)
 
 
-def _xnor_gemm_out_cuda(a, b, k, out):
+def _xnor_gemm_out_cuda(a, b, k, out, layout=None):
     cuda_kernels.xnor_gemm(a, b, k, out=out)
 
 
 xnor_gemm_out_op = _op(
-    "xnor_gemm_out(Tensor a, Tensor b, int k, Tensor(a!) out) -> ()", _xnor_gemm_out_cpu,
-    _xnor_gemm_out_cuda, lambda a, b, k, out: None)
+    "xnor_gemm_out(Tensor a, Tensor b, int k, Tensor(a!) out, Tensor? layout=None) -> ()",
+    _xnor_gemm_out_cpu, _xnor_gemm_out_cuda, lambda a, b, k, out, layout=None: None)
 
 
-def _xnor_fire_cpu(a, b, k, planes, threshold, row_class=None):
+def _xnor_fire_cpu(a, b, k, planes, threshold, row_class=None, layout=None):
     lib = cpu_kernels.library()
     if lib is None:
         check_row_class(threshold, row_class, a.shape[0] // planes, b.shape[0])
         return fire_torch(xnor_gemm_op(a, b, k, planes), threshold, row_class)
-    return cpu_kernels.xnor_gemm(lib, a, b, k, planes, threshold, row_class=row_class)
+    return cpu_kernels.xnor_gemm(lib, a, b, k, planes, threshold, row_class=row_class, layout=layout)
 
 
-def _xnor_fire_cuda(a, b, k, planes, threshold, row_class=None):
+def _xnor_fire_cuda(a, b, k, planes, threshold, row_class=None, layout=None):
     """pack.cu's fire takes one threshold per unit: with row classes, the
     compare runs in PyTorch and pack.cu packs its signs."""
     d = xnor_gemm_op(a, b, k, planes)
@@ -202,9 +206,10 @@ def _xnor_fire_cuda(a, b, k, planes, threshold, row_class=None):
 
 
 xnor_fire_op = _op(
-    "xnor_fire(Tensor a, Tensor b, int k, int planes, Tensor threshold, Tensor? row_class=None) -> Tensor",
+    "xnor_fire(Tensor a, Tensor b, int k, int planes, Tensor threshold, Tensor? row_class=None, "
+    "Tensor? layout=None) -> Tensor",
     _xnor_fire_cpu, _xnor_fire_cuda,
-    lambda a, b, k, planes, threshold, row_class=None: a.new_empty(
+    lambda a, b, k, planes, threshold, row_class=None, layout=None: a.new_empty(
         a.shape[0] // planes, words(b.shape[0]), dtype=torch.int64))
 
 
@@ -258,13 +263,64 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     return pack_op(flat).view(*x.shape[:-1], words(k))
 
 
-def xnor_matmul_packed(a_words: torch.Tensor, b_words: torch.Tensor, k: int,
+class PackedWeights:
+    """Packed weights (N x KW words, K bits a row) and, made lazily and kept,
+    their layout for each vertical kernel the choice picks for them (B
+    transposed into bit-sliced blocks: cpu_kernels.make_layout), so that a
+    product with them transposes nothing: weights used many times, as at
+    inference, are laid out once.  Holds its own copy of the words, which
+    it never changes, so a layout always belongs to the words beside it."""
+
+    def __init__(self, words_: torch.Tensor, k: int):
+        self.words, self.k = words_.contiguous().clone(), k
+        self._layouts = {}      # kernel index -> layout (None: the kernel takes none)
+        self._kernels = {}      # (rows, planes, BINARYNET_KERNEL) -> kernel index
+
+    def layout_for(self, a_words: torch.Tensor, planes: int = 1) -> torch.Tensor | None:
+        """The layout for the kernel that the product with a_words (rows of
+        A, planes rows an output row) runs, or None (no C library, not on
+        the CPU, a kernel that transposes nothing, a product with no rows)."""
+        lib = cpu_kernels.library()
+        m = a_words.shape[0] // planes
+        if lib is None or self.words.device.type != "cpu" or m == 0 or self.words.shape[0] == 0:
+            return None
+        key = (m, planes, cpu_kernels.forced_kernel())
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = cpu_kernels.chosen_kernel(
+                lib, a_words, self.words, m, self.words.shape[0], self.k, planes)
+        if kernel not in self._layouts:
+            self._layouts[kernel] = cpu_kernels.make_layout(lib, self.words, self.k, kernel)
+        return self._layouts[kernel]
+
+
+def pack_weights(b_words: torch.Tensor, k: int) -> PackedWeights:
+    """Packed weights (b_words = pack(W) for the N x K weights W, N x KW
+    words) prepared for many products: xnor_matmul_packed takes the result
+    in place of b_words and lays the weights out once for its kernel, as
+    bnn-lab's prepacked call does."""
+    _check_matrix("b_words", b_words, (torch.int64,), "packed int64")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if b_words.shape[1] != words(k):
+        raise ValueError(f"b_words has {b_words.shape[1]} words per row, but K={k} packs into {words(k)}")
+    return PackedWeights(b_words, k)
+
+
+def xnor_matmul_packed(a_words: torch.Tensor, b_words, k: int,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """The XNOR-popcount GEMM on packed operands: the M x N int32 matrix of
     dot products sign(a) @ sign(b), given a_words = pack(a) (M x KW) and
-    b_words = pack(b.T) (N x KW).  Pack once, multiply many times; with
-    `out` (a contiguous M x N int32 tensor), the result is written there,
-    and repeated products pay no allocation."""
+    b_words = pack(b.T) (N x KW), or pack_weights(pack(b.T), k) (the same
+    weights laid out once for the kernel).  Pack once, multiply many
+    times; with `out` (a contiguous M x N int32 tensor), the result is
+    written there, and repeated products pay no allocation."""
+    layout = None
+    if isinstance(b_words, PackedWeights):
+        if b_words.k != k:
+            raise ValueError(f"the packed weights have K={b_words.k}, not K={k}")
+        _check_matrix("a_words", a_words, (torch.int64,), "packed int64")
+        layout, b_words = b_words.layout_for(a_words.contiguous()), b_words.words
     _check_matrix("a_words", a_words, (torch.int64,), "packed int64")
     _check_matrix("b_words", b_words, (torch.int64,), "packed int64")
     _check_same_device(a_words, b_words)
@@ -274,14 +330,14 @@ def xnor_matmul_packed(a_words: torch.Tensor, b_words: torch.Tensor, k: int,
         if w.shape[1] != words(k):
             raise ValueError(f"{name} has {w.shape[1]} words per row, but K={k} packs into {words(k)}")
     if out is None:
-        return xnor_gemm_op(a_words.contiguous(), b_words.contiguous(), k, 1)
+        return xnor_gemm_op(a_words.contiguous(), b_words.contiguous(), k, 1, layout)
     _check_tensor("out", out, (torch.int32,), "32-bit integer")
     _check_same_device(a_words, out)
     shape = (a_words.shape[0], b_words.shape[0])
     if tuple(out.shape) != shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous int32 tensor of shape {shape}, "
                          f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", not contiguous"))
-    xnor_gemm_out_op(a_words.contiguous(), b_words.contiguous(), k, out)
+    xnor_gemm_out_op(a_words.contiguous(), b_words.contiguous(), k, out, layout)
     return out
 
 

@@ -168,7 +168,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bnn_pack.argtypes = [ptr, ptr, n, n, i]
     lib.bnn_pack_planes.argtypes = [ptr, ptr, n, n, i]
     lib.bnn_xnor_gemm.argtypes = [ptr, ptr, n, n, n, n, ptr, ptr, ptr, i]
-    lib.bnn_xnor_gemm_kernel.argtypes = [i, i, ptr, ptr, n, n, n, n, ptr, ptr, ptr, i]
+    lib.bnn_xnor_gemm_kernel.argtypes = [i, i, ptr, ptr, ptr, n, n, n, n, ptr, ptr, ptr, i]
+    lib.bnn_layout_bytes.argtypes, lib.bnn_layout_bytes.restype = [i, n, n], n
+    lib.bnn_make_layout.argtypes, lib.bnn_make_layout.restype = [i, ptr, n, n, ptr, i], i
     lib.bnn_baseline_gemm.argtypes = [ptr, ptr, ptr, n, n, n, i]
     for f in (lib.bnn_pack, lib.bnn_pack_planes, lib.bnn_xnor_gemm, lib.bnn_baseline_gemm):
         f.restype = None
@@ -345,7 +347,7 @@ def measure_order(lib, a, b, k: int, planes: int) -> list:
         best = float("inf")
         for call in range(MEASURE_CALLS):
             start = time.thread_time()
-            lib.bnn_xnor_gemm_kernel(i, 0, a.data_ptr(), b.data_ptr(), m, cols, k, planes,
+            lib.bnn_xnor_gemm_kernel(i, 0, a.data_ptr(), b.data_ptr(), None, m, cols, k, planes,
                                      None, None, out.data_ptr(), 1)
             if call > 0:
                 best = min(best, time.thread_time() - start)
@@ -353,11 +355,16 @@ def measure_order(lib, a, b, k: int, planes: int) -> list:
     return sorted(times, key=times.get)
 
 
+def forced_kernel() -> str:
+    """BINARYNET_KERNEL's value ("" where unset)."""
+    return os.environ.get(KERNEL_ENV, "")
+
+
 def chosen_kernel(lib, a, b, m: int, n: int, k: int, planes: int) -> int:
     """The kernel for a product: BINARYNET_KERNEL's where it serves it, else
     the fastest measured for its class that pays (a vertical kernel: B not
     mostly padding), else the default table's."""
-    forced = os.environ.get(KERNEL_ENV, "")
+    forced = forced_kernel()
     if forced == "default":
         return lib.bnn_default_kernel(m, n, k, planes)
     if forced:
@@ -380,8 +387,34 @@ def chosen_kernel(lib, a, b, m: int, n: int, k: int, planes: int) -> int:
     return lib.bnn_default_kernel(m, n, k, planes)
 
 
+def make_layout(lib, b, k: int, kernel: int):
+    """B (N x KW words, contiguous) laid out once for a vertical kernel (by
+    index; bnn_make_layout): a uint8 tensor to pass to xnor_gemm with this
+    same B, or None where the kernel takes no layout (it does not transpose
+    B)."""
+    size = lib.bnn_layout_bytes(kernel, b.shape[0], k)
+    if size == 0:
+        return None
+    layout = torch.empty(size + 63, dtype=torch.uint8)   # the C side wants 64-byte alignment
+    start = -layout.data_ptr() % 64
+    layout = layout[start:start + size]
+    if lib.bnn_make_layout(kernel, b.data_ptr(), b.shape[0], k, layout.data_ptr(), threads()) != 0:
+        raise RuntimeError(f"bnn_make_layout refused kernel {kernel_names(lib)[kernel]!r}")
+    return layout
+
+
+def layout_made_for(lib, layout) -> str:
+    """What a layout was made for, in words (its header: magic, kernel, N, K)."""
+    if layout.dtype != torch.uint8 or layout.numel() < 32 or layout[:8].tolist() != list(b"BNLAYRN1"):
+        return "no product (it is not a layout that make_layout made)"
+    _, kernel, n, k = layout[:32].view(torch.int64).tolist()
+    names = kernel_names(lib)
+    name = names[kernel] if 0 <= kernel < len(names) else f"#{kernel}"
+    return f"kernel {name!r}, N={n}, K={k}"
+
+
 def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None, kernel=None,
-              options: int = 0, row_class=None) -> torch.Tensor:
+              options: int = 0, row_class=None, layout=None) -> torch.Tensor:
     """a: (M planes) x KW words, b: N x KW words, threshold: N or classes x N
     int32 or None, row_class: M uint8 or None, all contiguous.  Returns M x N
     int32 dot products, or with a threshold the M x ceil(N/64) packed
@@ -391,7 +424,9 @@ def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None, kernel=N
     caller checks).
     kernel: a kernel's name (ValueError where this CPU cannot run it or it
     cannot take the product), else the chosen one (chosen_kernel);
-    options: NO_WORK_BUFFERS, STREAM, NO_STREAM (for the tests)."""
+    options: NO_WORK_BUFFERS, STREAM, NO_STREAM (for the tests);
+    layout: B laid out by make_layout for the kernel that runs, or None
+    (ValueError where it was made for another kernel or shape)."""
     if planes not in (1, 8):
         raise ValueError(f"planes must be 1 or 8, got {planes}")
     m, n = a.shape[0] // planes, b.shape[0]
@@ -403,10 +438,16 @@ def xnor_gemm(lib, a, b, k: int, planes: int, threshold=None, out=None, kernel=N
     if threshold is not None:
         check_row_class(threshold, row_class, m, n)
     index = chosen_kernel(lib, a, b, m, n, k, planes) if kernel is None else kernel_index(lib, kernel)
-    if lib.bnn_xnor_gemm_kernel(index, options, a.data_ptr(), b.data_ptr(), m, n, k, planes,
-                                None if threshold is None else threshold.data_ptr(),
-                                None if row_class is None else row_class.data_ptr(),
-                                out.data_ptr(), threads()) != 0:
+    fits = layout is None or (layout.dtype == torch.uint8 and layout.is_contiguous() and
+                              layout.numel() == lib.bnn_layout_bytes(index, n, k))
+    status = -2 if not fits else lib.bnn_xnor_gemm_kernel(
+        index, options, a.data_ptr(), b.data_ptr(), None if layout is None else layout.data_ptr(),
+        m, n, k, planes, None if threshold is None else threshold.data_ptr(),
+        None if row_class is None else row_class.data_ptr(), out.data_ptr(), threads())
+    if status == -2:
+        raise ValueError(f"the layout of B was made for {layout_made_for(lib, layout)}, not for "
+                         f"kernel {kernel_names(lib)[index]!r}, N={n}, K={k}")
+    if status != 0:
         raise ValueError(f"kernel {kernel!r} cannot take rows of {(k + 63) // 64} words")
     return out
 

@@ -97,6 +97,32 @@ enum { OPT_NO_WORK_BUFFERS = 1,     /* the paths taken without copies / scratch 
        OPT_NO_STREAM = 4 };         /* none (default: outputs past the last-level cache) */
 #define VERT_MAX_WORDS 256          /* the vertical kernels' longest rows (L2, see there) */
 
+/* B laid out once for a vertical kernel (bnn_make_layout): weights used in
+ * many products (inference, the benchmark's prepacked call) are transposed
+ * once instead of on every call, which was 18% of a 100 x 4096 x 4096
+ * product on one thread.  A header saying what it was made for, checked on
+ * every use, then the body as make_vertical lays it out: the blocks of B
+ * transposed, then the popcounts of B's rows. */
+#define LAYOUT_MAGIC 0x314e5259414c4e42ULL  /* "BNLAYRN1" */
+#define LAYOUT_HEADER_BYTES 64              /* keeps the body 64-byte aligned */
+typedef struct {
+    uint64_t magic;
+    long kernel, n, k;
+} layout_header;
+
+/* The bytes of a block of `lanes` rows of B transposed: a vector of
+ * lanes / 8 bytes per bit of K, then one zero vector (the steps' padding). */
+static inline size_t layout_block_bytes(long lanes, long kw)
+{
+    return (size_t)(64 * kw + 1) * (size_t)(lanes / 8);
+}
+
+static inline size_t layout_body_bytes(long lanes, long n, long kw)
+{
+    size_t blocks = (size_t)((n + lanes - 1) / lanes);
+    return blocks * layout_block_bytes(lanes, kw) + blocks * (size_t)lanes * sizeof(int32_t);
+}
+
 /* The CPU features a kernel object was compiled for: a constant (data, so
  * reading it runs none of the object's code). */
 enum { NEED_POPCNT = 1 << 0, NEED_AVX = 1 << 1, NEED_AVX2 = 1 << 2, NEED_FMA = 1 << 3,
@@ -105,9 +131,10 @@ enum { NEED_POPCNT = 1 << 0, NEED_AVX = 1 << 1, NEED_AVX2 = 1 << 2, NEED_FMA = 1
        NEED_AVX512VL = 1 << 11, NEED_AVX512DQ = 1 << 12, NEED_AVX512CD = 1 << 13,
        NEED_VPOPCNTDQ = 1 << 14, NEED_VNNI = 1 << 15, NEED_VBMI = 1 << 16, NEED_GFNI = 1 << 17 };
 
-typedef void gemm_fn(int algo, int options, const word_t *a, const word_t *b, long m, long n,
-                     long k, long planes, const int32_t *threshold, const uint8_t *row_class,
-                     void *out, int n_threads);
+typedef void gemm_fn(int algo, int options, const word_t *a, const word_t *b,
+                     const uint8_t *layout, long m, long n, long k, long planes,
+                     const int32_t *threshold, const uint8_t *row_class, void *out, int n_threads);
+typedef void lay_out_fn(const word_t *b, long n, long k, uint8_t *body, int n_threads);
 typedef void pack_fn(const float *x, word_t *out, long rows, long k, int n_threads);
 typedef void planes_fn(const uint8_t *x, word_t *out, long rows, long k, int n_threads);
 
@@ -115,6 +142,7 @@ typedef void planes_fn(const uint8_t *x, word_t *out, long rows, long k, int n_t
  * instruction set the compiler or the machine lacks) reads as NULL. */
 #define KERNEL_OBJECT(isa)                                                   \
     extern gemm_fn bnn_##isa##_gemm __attribute__((weak));                   \
+    extern lay_out_fn bnn_##isa##_lay_out __attribute__((weak));             \
     extern pack_fn bnn_##isa##_pack __attribute__((weak));                   \
     extern planes_fn bnn_##isa##_pack_planes __attribute__((weak));          \
     extern const unsigned bnn_##isa##_needs __attribute__((weak));           \
@@ -170,12 +198,14 @@ static void reference_row(const void *ctx, long i)
     }
 }
 
-static void reference_gemm(int algo, int options, const word_t *a, const word_t *b, long m, long n,
-                           long k, long planes, const int32_t *threshold,
-                           const uint8_t *row_class, void *out, int n_threads)
+static void reference_gemm(int algo, int options, const word_t *a, const word_t *b,
+                           const uint8_t *layout, long m, long n, long k, long planes,
+                           const int32_t *threshold, const uint8_t *row_class, void *out,
+                           int n_threads)
 {
     (void)algo;
     (void)options;
+    (void)layout;
     reference_args g = {a, b, n, k, (k + 63) / 64, planes, threshold, row_class, out};
     run_parallel(reference_row, &g, m, n_threads);
 }
@@ -193,16 +223,17 @@ typedef struct {
     const unsigned *needs;      /* NULL: nothing (the reference) */
     int algo;
     long lanes;                 /* vertical kernels: rows of B a block */
+    lay_out_fn *lay_out;        /* vertical kernels: B's layout made once (bnn_make_layout) */
 } kernel_t;
 
 static const kernel_t kernels[] = {
-    {"reference", reference_gemm, NULL, ALGO_TILE, 0},
-    {"scalar", bnn_scalar_gemm, &bnn_scalar_needs, ALGO_TILE, 0},
-    {"avx2", bnn_avx2_gemm, &bnn_avx2_needs, ALGO_TILE, 0},
-    {"avx2-vertical", bnn_avx2_gemm, &bnn_avx2_needs, ALGO_VERTICAL, 256},
-    {"avx512", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_TILE, 0},
-    {"avx512-vertical", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_VERTICAL, 512},
-    {"avx512-vnni", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_VNNI, 0},
+    {"reference", reference_gemm, NULL, ALGO_TILE, 0, NULL},
+    {"scalar", bnn_scalar_gemm, &bnn_scalar_needs, ALGO_TILE, 0, NULL},
+    {"avx2", bnn_avx2_gemm, &bnn_avx2_needs, ALGO_TILE, 0, NULL},
+    {"avx2-vertical", bnn_avx2_gemm, &bnn_avx2_needs, ALGO_VERTICAL, 256, bnn_avx2_lay_out},
+    {"avx512", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_TILE, 0, NULL},
+    {"avx512-vertical", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_VERTICAL, 512, bnn_avx512_lay_out},
+    {"avx512-vnni", bnn_avx512_gemm, &bnn_avx512_needs, ALGO_VNNI, 0, NULL},
 };
 #define N_KERNELS ((int)(sizeof kernels / sizeof kernels[0]))
 
@@ -395,32 +426,73 @@ int bnn_default_kernel(long m, long n, long k, long planes)
     return kernel >= 0 ? kernel : 0;
 }
 
+/* The bytes of B's layout for the kernel (bnn_make_layout), N rows of K
+ * bits: 0 where the kernel has none (not vertical, not run here, rows
+ * longer than it takes). */
+long bnn_layout_bytes(int kernel, long n, long k)
+{
+    if (!bnn_kernel_serves(kernel, 1, n, k, 1) || kernels[kernel].lay_out == NULL || n < 1)
+        return 0;
+    return LAYOUT_HEADER_BYTES + (long)layout_body_bytes(kernels[kernel].lanes, n, (k + 63) / 64);
+}
+
+/* B (n x ceil(k / 64) words) laid out for the kernel into `layout`, of
+ * bnn_layout_bytes(kernel, n, k) bytes, 64-byte aligned, owned by the
+ * caller, who passes it with this same B to bnn_xnor_gemm_kernel.  Returns
+ * 0, or -1 (nothing written) where the kernel has no layout or the buffer
+ * is not aligned. */
+int bnn_make_layout(int kernel, const word_t *b, long n, long k, void *layout, int n_threads)
+{
+    if (bnn_layout_bytes(kernel, n, k) == 0 || (uintptr_t)layout % 64 != 0)
+        return -1;
+    layout_header header = {LAYOUT_MAGIC, kernel, n, k};
+    memset(layout, 0, LAYOUT_HEADER_BYTES);
+    memcpy(layout, &header, sizeof header);
+    kernels[kernel].lay_out(b, n, k, (uint8_t *)layout + LAYOUT_HEADER_BYTES, n_threads);
+    return 0;
+}
+
+/* Whether a layout was made for this kernel and shape of B. */
+static int layout_fits(const void *layout, int kernel, long n, long k)
+{
+    const layout_header *h = (const layout_header *)layout;
+    return (uintptr_t)layout % 64 == 0 && h->magic == LAYOUT_MAGIC && h->kernel == kernel &&
+           h->n == n && h->k == k;
+}
+
 /*
- * a: (m * planes) x kw words, b: n x kw words, both packed along K.
+ * a: (m * planes) x kw words, b: n x kw words, both packed along K;
+ * layout: NULL (a vertical kernel transposes B itself), or B's layout made
+ * by bnn_make_layout for this kernel from this same B.
  * threshold == NULL: out is m x n int32 dot products;
  * otherwise out is m x ceil(n / 64) words of packed activations, output row
  * i against row row_class[i] of the threshold table (classes x n int32; the
  * caller checks the classes), or against its row 0 where row_class is NULL.
  * planes is 1 or 8 (checked by the caller).  Returns 0, or -1 (nothing
- * done) where the kernel does not serve the product.
+ * done) where the kernel does not serve the product, -2 where the layout
+ * was made for another kernel or shape of B.
  */
-int bnn_xnor_gemm_kernel(int kernel, int options, const word_t *a, const word_t *b, long m, long n,
-                         long k, long planes, const int32_t *threshold, const uint8_t *row_class,
-                         void *out, int n_threads)
+int bnn_xnor_gemm_kernel(int kernel, int options, const word_t *a, const word_t *b,
+                         const void *layout, long m, long n, long k, long planes,
+                         const int32_t *threshold, const uint8_t *row_class, void *out,
+                         int n_threads)
 {
     if (!bnn_kernel_serves(kernel, m, n, k, planes))
         return -1;
+    if (layout != NULL && !layout_fits(layout, kernel, n, k))
+        return -2;
     if (m > 0 && n > 0)
-        kernels[kernel].gemm(kernels[kernel].algo, options, a, b, m, n, k, planes, threshold,
-                             row_class, out, n_threads);
+        kernels[kernel].gemm(kernels[kernel].algo, options, a, b,
+                             layout == NULL ? NULL : (const uint8_t *)layout + LAYOUT_HEADER_BYTES,
+                             m, n, k, planes, threshold, row_class, out, n_threads);
     return 0;
 }
 
 void bnn_xnor_gemm(const word_t *a, const word_t *b, long m, long n, long k, long planes,
                    const int32_t *threshold, const uint8_t *row_class, void *out, int n_threads)
 {
-    bnn_xnor_gemm_kernel(bnn_default_kernel(m, n, k, planes), 0, a, b, m, n, k, planes, threshold,
-                         row_class, out, n_threads);
+    bnn_xnor_gemm_kernel(bnn_default_kernel(m, n, k, planes), 0, a, b, NULL, m, n, k, planes,
+                         threshold, row_class, out, n_threads);
 }
 
 /* The packing of the best object that runs here (NULL: none, which
@@ -2205,28 +2277,50 @@ static void vert_task(const void *ctx, long task)
         _mm_sfence();       /* this thread's streamed lines, out before the job ends */
 }
 
-/* The vertical path's buffers, in one allocation that the caller frees:
- * B transposed (g->bt, filled here in parallel), the popcounts of B's rows
- * (g->pop_b) and a scratch slot per thread (g->scratch); NULL if memory is
- * short.  Tasks of m_run rows: enough for about 8 a thread, at most MB. */
-static char *make_vertical(gemm_args *g, int n_threads)
+static void point_at_layout(gemm_args *g, const uint8_t *body)
 {
-    long blocks = (g->n + VERT_LANES - 1) / VERT_LANES;
+    g->bt_block_bytes = layout_block_bytes(VERT_LANES, g->kw);
+    g->bt = body;
+    g->pop_b = (const int32_t *)(body + (g->n + VERT_LANES - 1) / VERT_LANES * g->bt_block_bytes);
+}
+
+/* B laid out (transposed, its rows' popcounts) into body, of
+ * layout_body_bytes(VERT_LANES, n, kw) bytes, 64-byte aligned. */
+static void lay_out_b(gemm_args *g, uint8_t *body, int n_threads)
+{
+    point_at_layout(g, body);
+    run_parallel(transpose_task, g, (g->n + VERT_LANES - 1) / VERT_LANES, n_threads);
+}
+
+/* The object's bnn_make_layout (see the common part). */
+void ISA_FN(lay_out)(const word_t *b, long n, long k, uint8_t *body, int n_threads)
+{
+    gemm_args g = {.b = b, .n = n, .k = k, .kw = (k + 63) / 64};
+    lay_out_b(&g, body, n_threads);
+}
+
+/* The vertical path's buffers, in one allocation that the caller frees:
+ * B laid out (g->bt, g->pop_b), here in parallel, unless the caller's
+ * layout (its body) is given, and a scratch slot per thread (g->scratch);
+ * NULL if memory is short.  Tasks of m_run rows: enough for about 8 a
+ * thread, at most MB. */
+static char *make_vertical(gemm_args *g, const uint8_t *layout, int n_threads)
+{
     int slots = n_threads > 1 ? n_threads : 1;
     g->m_run = blocks_per_task(g->m / g->planes, 1, n_threads, MB);    /* output rows */
-    g->bt_block_bytes = (64 * g->kw + 1) * VEC_BYTES;
     g->scratch_bytes = (PANELS * MB * NB * sizeof(int32_t) +
                         (size_t)g->m_run * g->planes * STEPS_STRIDE(g->kw) * sizeof(uint32_t) + 63) &
                        ~(size_t)63;
-    size_t bt_bytes = (size_t)blocks * g->bt_block_bytes, pop_bytes = (size_t)blocks * VERT_LANES * 4;
-    char *buffer = aligned_alloc(64, (bt_bytes + pop_bytes + slots * g->scratch_bytes + 63) & ~(size_t)63);
+    size_t body_bytes = layout == NULL ? layout_body_bytes(VERT_LANES, g->n, g->kw) : 0;
+    char *buffer = aligned_alloc(64, (body_bytes + slots * g->scratch_bytes + 63) & ~(size_t)63);
     if (buffer == NULL)
         return NULL;
-    g->bt = (const uint8_t *)buffer;
-    g->pop_b = (const int32_t *)(buffer + bt_bytes);
-    g->scratch = buffer + bt_bytes + pop_bytes;
+    g->scratch = buffer + body_bytes;
     pthread_once(&bit_offsets_once, init_bit_offsets);
-    run_parallel(transpose_task, g, blocks, n_threads);
+    if (layout != NULL)
+        point_at_layout(g, layout);
+    else
+        lay_out_b(g, (uint8_t *)buffer, n_threads);
     return buffer;
 }
 #endif
@@ -2581,10 +2675,11 @@ static void advise_huge_pages(void *p, size_t bytes)
 
 /* The object's bnn_xnor_gemm (see the common part): algo ALGO_VERTICAL
  * runs the vertical kernel where the object has one and the rows fit it,
- * else the tile kernels; options OPT_*. */
-void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b, long m, long n,
-                  long k, long planes, const int32_t *threshold, const uint8_t *row_class,
-                  void *out, int n_threads)
+ * else the tile kernels; options OPT_*; layout: the body of B's layout
+ * (bnn_make_layout, checked by the caller) or NULL. */
+void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b,
+                  const uint8_t *layout, long m, long n, long k, long planes,
+                  const int32_t *threshold, const uint8_t *row_class, void *out, int n_threads)
 {
     int use_work_buffers = !(options & OPT_NO_WORK_BUFFERS);
     (void)use_work_buffers;     /* the scalar object has no work buffers */
@@ -2605,7 +2700,7 @@ void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b, long 
                                                                : out_bytes > last_level_cache());
 #if defined(VERTICAL_KERNEL)
     if (algo == ALGO_VERTICAL && use_work_buffers && g.kw <= VERT_MAX_WORDS) {
-        char *vertical = make_vertical(&g, n_threads);
+        char *vertical = make_vertical(&g, layout, n_threads);
         if (vertical != NULL) {
             run_parallel(vert_task, &g, (m + g.m_run - 1) / g.m_run, n_threads);
             free(vertical);
@@ -2614,6 +2709,7 @@ void ISA_FN(gemm)(int algo, int options, const word_t *a, const word_t *b, long 
     }
 #else
     (void)algo;
+    (void)layout;
 #endif
 #if defined(INTERLEAVED_B)
     if (planes == 1 && use_work_buffers)
