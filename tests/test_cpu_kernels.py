@@ -811,3 +811,147 @@ def test_isa_cap_builds_what_an_avx2_cpu_gets(tmp_path, monkeypatch, capsys):
         assert err.count("\n") == 1 and "BINARYNET_ISA=avx9 is not one of scalar, avx2, avx512" in err
     finally:
         cpu_kernels._load.cache_clear()
+# ---------------------------------------------------------------------------
+# B laid out once for a vertical kernel (make_layout, pack_weights)
+# ---------------------------------------------------------------------------
+
+VERTICAL = ["avx2-vertical", "avx512-vertical"]
+
+
+def dots_and_a_words(m, k, planes, gen):
+    """Rows of A (random signs, or 8-bit pixels as bit planes) and the int64
+    factor of their dot products: sign(a), or 2 p - 255."""
+    if planes == 8:
+        pixels = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=gen)
+        return bo.bit_planes(pixels), 2 * pixels.long() - 255
+    a = rows_at_the_edges(torch.randn(m, k, generator=gen)) if m >= 5 else torch.randn(m, k, generator=gen)
+    return bo.pack(a), sign_matrix(a)
+
+
+def check_layout_product(lib, kernel, m, k, n, planes, seed):
+    """One B laid out once, used with two different A: plain products,
+    streamed ones and fired bits by row class against the int64 reference
+    and against the same kernel transposing B itself."""
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, k, generator=gen)
+    b_words = bo.pack(b)
+    layout = cpu_kernels.make_layout(lib, b_words, k, cpu_kernels.kernel_index(lib, kernel))
+    assert layout is not None
+    for _ in range(2):
+        a_words, factor = dots_and_a_words(m, k, planes, gen)
+        expected = factor @ sign_matrix(b).T
+        for options in (0, cpu_kernels.STREAM):
+            out = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, planes, kernel=kernel,
+                                        options=options, layout=layout)
+            assert torch.equal(out.long(), expected)
+        unprepared = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, planes, kernel=kernel)
+        assert torch.equal(out, unprepared)
+        row_class = torch.randint(0, 3, (m,), generator=gen).to(torch.uint8)
+        table = class_table(expected, row_class, 3)
+        fired = cpu_kernels.xnor_gemm(lib, a_words, b_words, k, planes, table, kernel=kernel,
+                                      row_class=row_class, layout=layout)
+        assert torch.equal(fired, fire(expected, table[row_class.long()]))
+
+
+# (1, 1, 1): one bit; (33, 784, 1000): MNIST's K, N not a multiple of 512;
+# (70, 330, 771): 6 words (the transpose takes 4 at a time); (257, 2053, 300):
+# a K tail, one block of 256 rows and 44 more; (5, 64 * 256, 513): the longest
+# rows, one row past a 512-lane block; bit planes with a K tail.
+@needs_c
+@pytest.mark.parametrize("kernel", VERTICAL)
+@pytest.mark.parametrize("m,k,n,planes", [(1, 1, 1, 1), (33, 784, 1000, 1), (70, 330, 771, 1),
+                                          (257, 2048 + 5, 300, 1), (5, 64 * 256, 513, 1),
+                                          (40, 784, 300, 8), (3, 2048 + 7, 40, 8)])
+def test_layout_made_once_is_exact(lib, kernel, m, k, n, planes):
+    runnable(lib, kernel)
+    check_layout_product(lib, kernel, m, k, n, planes, seed=m + k + n)
+
+
+@needs_c
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 80), k=st.integers(1, 1500), n=st.integers(1, 1100),
+       planes=st.sampled_from([1, 8]), seed=st.integers(0, 2 ** 16))
+def test_layout_random_shapes(m, k, n, planes, seed):
+    lib = cpu_kernels.library()
+    for kernel in VERTICAL:
+        if kernel in cpu_kernels.runnable_kernels(lib):
+            check_layout_product(lib, kernel, m, k, n, planes, seed)
+
+
+def assert_refused(call, words):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@needs_c
+def test_layout_refused_elsewhere(lib):
+    """A layout used with another kernel, another N or K (even of the same
+    size in bytes), a tile kernel, or a buffer make_layout did not write:
+    one-line errors, no product.  Kernels that transpose nothing, and rows
+    longer than the vertical kernels take, get no layout."""
+    vertical = [v for v in VERTICAL if v in cpu_kernels.runnable_kernels(lib)]
+    if not vertical:
+        pytest.skip("this CPU runs no vertical kernel")
+    index = {name: cpu_kernels.kernel_index(lib, name) for name in cpu_kernels.runnable_kernels(lib)}
+    a, b = operands(4, 784, 1024, seed=5)
+    a_words, b_words = bo.pack(a), bo.pack(b)
+    layout = cpu_kernels.make_layout(lib, b_words, 784, index[vertical[-1]])
+    gemm = lambda kernel, k=784, b=b_words, layout=layout: cpu_kernels.xnor_gemm(
+        lib, a_words, b, k, 1, kernel=kernel, layout=layout)
+    if len(vertical) == 2:      # 1024 rows: 4 x 256 or 2 x 512 lanes, the same bytes
+        assert_refused(lambda: gemm(vertical[0]), f"made for kernel {vertical[1]!r}, N=1024, K=784")
+    assert_refused(lambda: gemm(vertical[-1], k=780), "N=1024, K=784, not for")
+    assert_refused(lambda: gemm(vertical[-1], b=b_words[:1000].contiguous()), "N=1024, K=784, not for")
+    assert_refused(lambda: gemm("avx2"), "not for kernel 'avx2'")
+    assert_refused(lambda: gemm(vertical[-1], layout=torch.zeros_like(layout)), "not a layout")
+    assert cpu_kernels.make_layout(lib, b_words, 784, index["avx2"]) is None
+    assert cpu_kernels.make_layout(lib, bo.pack(torch.ones(3, 64 * 257)), 64 * 257,
+                                   index[vertical[-1]]) is None
+
+
+@needs_c
+def test_pack_weights_every_forced_kernel(lib, monkeypatch):
+    """pack_weights: the product with every kernel forced (each laying the
+    weights out for itself where it is vertical) and the measured choice
+    equal the reference, into `out` too; the object keeps its own copy of
+    the words, so changing them afterwards changes nothing; the fire op
+    with the layout, by row class over bit planes."""
+    a, b = operands(50, 784, 600, seed=6)
+    a_words, b_words = bo.pack(a), bo.pack(b)
+    expected = sign_matrix(a) @ sign_matrix(b).T
+    weights = bo.pack_weights(b_words, 784)
+    b_words.zero_()
+    for kernel in cpu_kernels.runnable_kernels(lib) + [""]:
+        monkeypatch.setenv(cpu_kernels.KERNEL_ENV, kernel)
+        assert torch.equal(bo.xnor_matmul_packed(a_words, weights, 784).long(), expected)
+        out = torch.empty(50, 600, dtype=torch.int32)
+        assert bo.xnor_matmul_packed(a_words, weights, 784, out=out) is out
+        assert torch.equal(out.long(), expected)
+    made = [cpu_kernels.kernel_names(lib)[i] for i, x in weights._layouts.items() if x is not None]
+    assert sorted(made) == sorted(v for v in VERTICAL if v in cpu_kernels.runnable_kernels(lib))
+    gen = torch.Generator().manual_seed(7)
+    planes, factor = dots_and_a_words(30, 784, 8, gen)
+    expected = factor @ sign_matrix(b).T
+    row_class = torch.randint(0, 2, (30,), generator=gen).to(torch.uint8)
+    table = class_table(expected, row_class, 2)
+    for kernel in VERTICAL + [""]:
+        if kernel and kernel not in cpu_kernels.runnable_kernels(lib):
+            continue
+        monkeypatch.setenv(cpu_kernels.KERNEL_ENV, kernel)
+        fired = bo.xnor_fire_op(planes, weights.words, 784, 8, table, row_class,
+                                weights.layout_for(planes, 8))
+        assert torch.equal(fired, fire(expected, table[row_class.long()]))
+
+
+def test_pack_weights_refused_and_pure_torch(monkeypatch):
+    """Weights of another K: one-line errors; without the C library the
+    weights have no layout and the product is still exact."""
+    a, b = operands(6, 200, 70, seed=8)
+    weights = bo.pack_weights(bo.pack(b), 200)
+    assert_refused(lambda: bo.pack_weights(bo.pack(b), 100), "K=100 packs into 2")
+    assert_refused(lambda: bo.xnor_matmul_packed(bo.pack(a), weights, 199), "K=200, not K=199")
+    monkeypatch.setenv("BINARYNET_PURE_TORCH", "1")
+    assert weights.layout_for(bo.pack(a)) is None
+    assert torch.equal(bo.xnor_matmul_packed(bo.pack(a), weights, 200).long(),
+                       sign_matrix(a) @ sign_matrix(b).T)
