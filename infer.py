@@ -27,8 +27,8 @@ import torch.nn as nn
 
 import binary_net
 from bench import time_ms
-from binary_ops import (PIXEL_BITS, UsageError, baseline_matmul, bit_planes, pack, xnor_fire_op,
-                        xnor_gemm_op)
+from binary_ops import (PIXEL_BITS, UsageError, baseline_matmul, bit_planes, pack, pack_weights,
+                        xnor_fire_op, xnor_gemm_op)
 
 BN_EPS = binary_net.BN_EPSILON   # the reference's batch-norm epsilon
 sign = binary_net.sign           # sign(0) = +1: the convention of both halves of the project
@@ -270,20 +270,28 @@ class BinaryDense:
     """A dense layer of the 1-bit network: packed sign(W) rows (negated for
     units whose batch norm has gamma < 0), the layer's fan-in k, how many
     rows of the input make one input vector (8 bit planes for the first
-    layer, else 1) and, for the hidden layers, each unit's threshold."""
+    layer, else 1) and, for the hidden layers, each unit's threshold.  The
+    words are held as packed weights (pack_weights), laid out once for a
+    vertical kernel at the first product that runs one."""
     words: torch.Tensor
     k: int
     planes: int = 1
     threshold: torch.Tensor | None = None
 
+    def __post_init__(self):
+        self.weights = pack_weights(self.words, self.k)
+        self.words = self.weights.words
+
     def accumulate(self, x_words: torch.Tensor) -> torch.Tensor:
         """The integer accumulators (XNOR dot products), M x N int32."""
-        return xnor_gemm_op(x_words, self.words, self.k, self.planes)
+        return xnor_gemm_op(x_words, self.words, self.k, self.planes,
+                            self.weights.layout_for(x_words, self.planes))
 
     def fire(self, x_words: torch.Tensor) -> torch.Tensor:
         """The packed activations sign(BN(.)): +1 where the accumulator reaches
         the unit's threshold, computed by the kernel without an int32 matrix."""
-        return xnor_fire_op(x_words, self.words, self.k, self.planes, self.threshold)
+        return xnor_fire_op(x_words, self.words, self.k, self.planes, self.threshold, None,
+                            self.weights.layout_for(x_words, self.planes))
 
 
 def binary_dense(layer: Layer, dense_output, bound: int, planes: int) -> BinaryDense:

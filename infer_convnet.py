@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from binary_ops import PIXEL_BITS, bit_planes, pack, sign, words, xnor_fire_op
+from binary_ops import PIXEL_BITS, bit_planes, pack, pack_weights, sign, words, xnor_fire_op
 from convnet import BATCH, ConvLayer, ConvNet, FloatConvNet
 from infer import PIXEL_SCALE, BinaryDense, Layer, binary_dense, compare, fold_threshold
 
@@ -130,6 +130,8 @@ class BinaryConv:
             self.words = pack_channels(taps).reshape(n_out, -1)
             self.k, self.in_words = self.words.shape[1] * 64, words(c_in)
             self.offset = self.k - 9 * c_in
+        self.weights = pack_weights(self.words, self.k)    # laid out once, at the first product
+        self.words = self.weights.words
         self.out_words, self.pool = words(n_out), layer.pool
         # pooled bit: OR of the window where the unit's direction is +1, AND where -1
         rising = torch.zeros(self.out_words * 64, dtype=torch.bool, device=direction.device)
@@ -162,8 +164,9 @@ class BinaryConv:
         planes = PIXEL_BITS if self.first else 1
         if self.first:
             rows = on_all_threads(bit_planes, rows.view(torch.uint8))
+        layout = on_all_threads(self.weights.layout_for, rows, planes)
         fired = on_all_threads(xnor_fire_op, rows, self.words, self.k, planes,
-                               plan.thresholds, plan.row_class)
+                               plan.thresholds, plan.row_class, layout)
         if self.pool:
             fired = self.max_pool(fired.view(-1).index_select(0, plan.pool_table).view(-1, 4, self.out_words))
         return torch.cat([fired, fired.new_zeros(1, self.out_words)])

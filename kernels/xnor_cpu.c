@@ -7,6 +7,8 @@
  *   bnn_xnor_gemm     C = A_b . B_b^T by XNOR and popcount on packed words,
  *                     optionally over bit planes and with the hidden layers'
  *                     threshold-and-pack epilogue ("fire")
+ *   bnn_make_layout   B laid out once for a vertical kernel (weights used in
+ *                     many products), passed to bnn_xnor_gemm_kernel
  *   bnn_baseline_gemm the unoptimized float32 triple loop, for the paper's
  *                     comparison
  *
@@ -26,7 +28,8 @@
  *      tests compare every variant with;
  *   2. the kernel list, the classes of product and the default table (which
  *      kernel serves which class), and the dispatch: bnn_xnor_gemm takes the
- *      default, bnn_xnor_gemm_kernel the kernel it is given;
+ *      default, bnn_xnor_gemm_kernel the kernel it is given (and B's
+ *      layout where the caller made one: bnn_make_layout);
  *   3. the thread pool and the float baseline;
  *   4. the kernels of one object (one instruction set):
  *      4.1 what every variant shares: packing, the bit-plane packing, the
@@ -1822,6 +1825,9 @@ static int byte_planes_and_masks(const word_t *a, const word_t *b, long images, 
  * A row's steps are a list of byte offsets of vectors in a block
  * (row_steps), made once per row in a task and used against every block of
  * B, padded to a multiple of VERT_GROUP with the offset of the block's zero vector.
+ * B transposed is made on every call (make_vertical), or once for weights
+ * used in many products (bnn_make_layout, lay_out_b: the same blocks in a
+ * buffer of the caller's, which the call then reads instead).
  * Last, the planes are turned into 256 integers (count_bytes: a byte of
  * every count from 8 planes by unpacks and 8 x 8 bit transposes) and
  * combined into the results (vert_results).
