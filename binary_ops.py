@@ -5,7 +5,8 @@ The ops.  A trained BNN multiplies matrices of +-1.  Packing 64 signs into a wor
 dot product of K values into K - 2 * popcount(a XOR b): bits that agree count
 +1, bits that differ -1.  This module is the PyTorch face of the hand-written
 kernels in kernels/ (C on the CPU, CUDA on the GPU), exposed as torch.library
-custom ops: `pack`, `xnor_matmul`, `xnor_matmul_packed`, `baseline_matmul`.
+custom ops: `pack`, `xnor_matmul`, `xnor_matmul_packed`, `baseline_matmul`, and
+`pack_weights` (weights prepared once for many products: see PackedWeights).
 The 1-bit MNIST network is infer.py; the kernel benchmark is bench.py.
 
 Packed layout (one convention everywhere): `pack` packs the last dimension;
